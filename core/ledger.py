@@ -1,0 +1,208 @@
+"""Ledger operations shared by the API, the CLI and the worker's sweeper.
+
+The batch, its items, its outbox rows and its audit event are written in one transaction: a
+committed batch always has the chunks that will wake a worker for it, and a failed submission
+leaves nothing behind.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from sqlalchemy import func, insert, select, update
+from sqlalchemy.orm import Session
+
+from core import audit
+from core.broker import QUEUE_FOR_PRIORITY
+from models import Batch, BatchStatus, Item, ItemState, Outbox, utcnow
+from models.base import new_id
+
+MAX_SEED = 2**32 - 1
+
+
+class IdempotencyConflict(Exception):
+    """The Idempotency-Key was used before with a different request body."""
+
+    def __init__(self, batch_id: str):
+        super().__init__(f"Idempotency-Key already used for batch {batch_id} with a different request")
+        self.batch_id = batch_id
+
+
+@dataclass(frozen=True)
+class ItemSpec:
+    prompt: str
+    external_id: str | None = None
+    seed: int | None = None
+    num_images: int = 1
+
+
+@dataclass(frozen=True)
+class BatchSpec:
+    name: str
+    items: Sequence[ItemSpec]
+    params: dict[str, Any] = field(default_factory=dict)
+    priority: str = "normal"
+    webhook_url: str | None = None
+
+    def fingerprint(self) -> str:
+        """sha256 of the request's canonical JSON: what an Idempotency-Key is bound to."""
+        body = json.dumps(asdict(self), sort_keys=True, separators=(",", ":"), default=list)
+        return hashlib.sha256(body.encode()).hexdigest()
+
+    def items_sha256(self) -> str:
+        rows = [[i.external_id, i.prompt, i.seed, i.num_images] for i in self.items]
+        return hashlib.sha256(json.dumps(rows, separators=(",", ":")).encode()).hexdigest()
+
+
+def submit_batch(
+    session: Session,
+    spec: BatchSpec,
+    *,
+    team: str,
+    actor: str,
+    submitted_by: str | None = None,
+    idempotency_key: str | None = None,
+    chunk_images: int = 16,
+) -> tuple[Batch, bool]:
+    """Record a batch with its items and outbox chunks. Returns ``(batch, created)``.
+
+    The caller commits. A repeated Idempotency-Key with the same body returns the first batch
+    (``created=False``); with another body it raises :class:`IdempotencyConflict`.
+    """
+    fingerprint = spec.fingerprint()
+    if idempotency_key:
+        existing = find_by_idempotency_key(session, team, idempotency_key)
+        if existing is not None:
+            if existing.request_sha256 != fingerprint:
+                raise IdempotencyConflict(existing.id)
+            return existing, False
+
+    batch = Batch(
+        id=new_id(), name=spec.name, team=team, submitted_by=submitted_by, params=spec.params,
+        priority=spec.priority, webhook_url=spec.webhook_url, idempotency_key=idempotency_key,
+        request_sha256=fingerprint, total_items=len(spec.items),
+        total_images=sum(i.num_images for i in spec.items), created_at=utcnow(),
+    )
+    session.add(batch)
+    session.flush()
+    rows = [_item_row(batch.id, seq, item) for seq, item in enumerate(spec.items)]
+    if rows:
+        session.execute(insert(Item), rows)
+    enqueue_chunks(session, batch, rows, chunk_images)
+    audit.record(
+        session, "batch.submitted", actor=actor, batch_id=batch.id,
+        payload={
+            "name": spec.name, "team": team, "params": spec.params, "priority": spec.priority,
+            "items": len(rows), "images": batch.total_images, "items_sha256": spec.items_sha256(),
+            "idempotency_key": idempotency_key, "request_sha256": fingerprint,
+        },
+    )
+    return batch, True
+
+
+def _item_row(batch_id: str, seq: int, item: ItemSpec) -> dict[str, Any]:
+    seed = item.seed if item.seed is not None else secrets.randbelow(MAX_SEED)
+    return {
+        "id": new_id(), "batch_id": batch_id, "seq": seq, "external_id": item.external_id,
+        "prompt": item.prompt, "seed": seed, "num_images": item.num_images,
+        "state": ItemState.QUEUED.value, "attempts": 0, "created_at": utcnow(),
+    }
+
+
+def find_by_idempotency_key(session: Session, team: str, key: str) -> Batch | None:
+    return session.scalar(select(Batch).where(Batch.team == team, Batch.idempotency_key == key))
+
+
+def chunk_items(rows: Iterable[dict[str, Any]], chunk_images: int) -> list[list[str]]:
+    """Group item ids in order so that each chunk yields at most ``chunk_images`` images."""
+    chunks: list[list[str]] = []
+    current: list[str] = []
+    images = 0
+    for row in rows:
+        if current and images + row["num_images"] > chunk_images:
+            chunks.append(current)
+            current, images = [], 0
+        current.append(row["id"])
+        images += row["num_images"]
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+def enqueue_chunks(session: Session, batch: Batch, rows: Sequence[dict[str, Any]], chunk_images: int) -> int:
+    queue = QUEUE_FOR_PRIORITY.get(batch.priority, QUEUE_FOR_PRIORITY["normal"])
+    chunks = chunk_items(rows, chunk_images)
+    if chunks:
+        session.execute(
+            insert(Outbox),
+            [{"batch_id": batch.id, "item_ids": ids, "queue": queue, "created_at": utcnow()} for ids in chunks],
+        )
+    return len(chunks)
+
+
+def state_counts(session: Session, batch_ids: Sequence[str]) -> dict[str, dict[str, int]]:
+    counts: dict[str, dict[str, int]] = {batch_id: {s.value: 0 for s in ItemState} for batch_id in batch_ids}
+    if not batch_ids:
+        return counts
+    query = (
+        select(Item.batch_id, Item.state, func.count())
+        .where(Item.batch_id.in_(batch_ids))
+        .group_by(Item.batch_id, Item.state)
+    )
+    for batch_id, state, n in session.execute(query):
+        counts[batch_id][state] = n
+    return counts
+
+
+def batch_status(batch: Batch, counts: dict[str, int]) -> BatchStatus:
+    total = sum(counts.values())
+    active = counts.get(ItemState.QUEUED, 0) + counts.get(ItemState.RUNNING, 0)
+    if batch.cancel_requested_at is not None:
+        return BatchStatus.CANCELLING if active else BatchStatus.CANCELLED
+    if active == 0 and total > 0:
+        troubled = counts.get(ItemState.FAILED, 0) + counts.get(ItemState.DEAD, 0)
+        return BatchStatus.COMPLETED_WITH_ERRORS if troubled else BatchStatus.SUCCEEDED
+    if counts.get(ItemState.QUEUED, 0) == total:
+        return BatchStatus.QUEUED
+    return BatchStatus.RUNNING
+
+
+def cancel_batch(session: Session, batch: Batch, *, actor: str) -> int:
+    """Cooperative cancel: queued items stop now; running chunks see the flag and stop between steps."""
+    if batch.cancel_requested_at is None:
+        batch.cancel_requested_at = utcnow()
+    cancelled = session.execute(
+        update(Item)
+        .where(Item.batch_id == batch.id, Item.state == ItemState.QUEUED)
+        .values(state=ItemState.CANCELLED, finished_at=utcnow())
+    ).rowcount
+    audit.record(session, "batch.cancelled", actor=actor, batch_id=batch.id, payload={"items_cancelled": cancelled})
+    return cancelled
+
+
+def retry_batch(session: Session, batch: Batch, *, actor: str, chunk_images: int = 16) -> int:
+    """Put failed and dead items back in the queue with a fresh attempt budget."""
+    retry_ids = session.scalars(
+        select(Item.id)
+        .where(Item.batch_id == batch.id, Item.state.in_([ItemState.FAILED, ItemState.DEAD]))
+        .order_by(Item.seq)
+    ).all()
+    if retry_ids:
+        session.execute(
+            update(Item)
+            .where(Item.id.in_(retry_ids))
+            .values(state=ItemState.QUEUED, attempts=0, error=None, lease_owner=None,
+                    lease_expires_at=None, finished_at=None)
+        )
+        rows = session.execute(
+            select(Item.id, Item.num_images).where(Item.id.in_(retry_ids)).order_by(Item.seq)
+        ).mappings().all()
+        enqueue_chunks(session, batch, rows, chunk_images)
+    batch.cancel_requested_at = None if retry_ids else batch.cancel_requested_at
+    batch.finished_at = None if retry_ids else batch.finished_at
+    audit.record(session, "batch.retried", actor=actor, batch_id=batch.id, payload={"items_requeued": len(retry_ids)})
+    return len(retry_ids)

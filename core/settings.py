@@ -1,0 +1,88 @@
+"""Every knob of InstaBatch, read from the environment.
+
+The defaults are the embedded ones: a SQLite ledger and a SQLite-backed Celery broker under
+``./var``, images in ``./var/objects`` and the tiny InstaFlow model shipped in the repository,
+so ``instabatch run`` works with no setup. Production points the same names at PostgreSQL,
+Redis, S3 and a real checkpoint folder.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TINY_MODEL_DIR = REPO_ROOT / "instaflow" / "weights" / "tiny-instaflow"
+TINY_REFINER_DIR = REPO_ROOT / "instaflow" / "weights" / "tiny-2rf"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", populate_by_name=True)
+
+    var_dir: Path = Field(Path("var"), alias="INSTABATCH_VAR_DIR")
+    database_url: str = Field("", alias="DATABASE_URL")
+    broker_url: str = Field("", alias="BROKER_URL")
+
+    # Object storage: S3 when a bucket is named, else a local folder behind the same interface.
+    s3_bucket: str = Field("", alias="S3_BUCKET")
+    s3_endpoint_url: str | None = Field(None, alias="S3_ENDPOINT_URL")
+    s3_region: str = Field("us-east-1", alias="S3_REGION")
+    s3_prefix: str = Field("instabatch", alias="S3_PREFIX")
+    presign_seconds: int = Field(3600, alias="PRESIGN_SECONDS")
+    objects_dir: Path | None = Field(None, alias="INSTABATCH_OBJECTS_DIR")
+
+    # The generation engine.
+    model_path: Path = Field(TINY_MODEL_DIR, alias="INSTABATCH_MODEL")
+    refiner_path: Path = Field(TINY_REFINER_DIR, alias="INSTABATCH_REFINER")
+    device: str | None = Field(None, alias="INSTABATCH_DEVICE")
+    micro_batch: int = Field(16, alias="INSTABATCH_MICRO_BATCH", ge=1, le=1024)
+
+    # Submission limits: bad input is a clear 4xx, never a half-written batch.
+    max_items_per_batch: int = Field(50_000, alias="MAX_ITEMS_PER_BATCH")
+    max_prompt_chars: int = Field(2_000, alias="MAX_PROMPT_CHARS")
+    max_body_bytes: int = Field(20 * 1024 * 1024, alias="MAX_BODY_BYTES")
+    max_images_per_item: int = Field(8, alias="MAX_IMAGES_PER_ITEM")
+    min_side: int = Field(64, alias="MIN_IMAGE_SIDE")
+    max_side: int = Field(1024, alias="MAX_IMAGE_SIDE")
+
+    # Delivery: soft limit < hard limit < visibility timeout < lease (DESIGN.md, "Visibility timeout").
+    task_soft_time_limit: int = Field(240, alias="TASK_SOFT_TIME_LIMIT")
+    task_time_limit: int = Field(300, alias="TASK_TIME_LIMIT")
+    visibility_timeout: int = Field(360, alias="VISIBILITY_TIMEOUT")
+    lease_seconds: int = Field(420, alias="LEASE_SECONDS")
+    max_attempts: int = Field(3, alias="MAX_ATTEMPTS")
+
+    # Audit anchoring of the hash chain in write-once object storage.
+    anchor_every_seconds: int = Field(300, alias="AUDIT_ANCHOR_SECONDS")
+
+    # Bootstrap admin key for a fresh deployment (hashed on first use, never stored in clear).
+    bootstrap_admin_key: str | None = Field(None, alias="INSTABATCH_ADMIN_KEY")
+
+    @model_validator(mode="after")
+    def _embedded_defaults(self) -> "Settings":
+        var = self.var_dir.resolve()
+        if not self.database_url:
+            self.database_url = f"sqlite:///{var / 'instabatch.db'}"
+        if not self.broker_url:
+            self.broker_url = f"sqla+sqlite:///{var / 'broker.db'}"
+        if self.objects_dir is None:
+            self.objects_dir = var / "objects"
+        if not (self.task_soft_time_limit < self.task_time_limit < self.visibility_timeout < self.lease_seconds):
+            raise ValueError(
+                "need TASK_SOFT_TIME_LIMIT < TASK_TIME_LIMIT < VISIBILITY_TIMEOUT < LEASE_SECONDS, "
+                "or a running task is delivered twice"
+            )
+        return self
+
+    @property
+    def uses_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+
+@lru_cache
+def get_settings() -> Settings:
+    settings = Settings()
+    settings.var_dir.mkdir(parents=True, exist_ok=True)
+    return settings

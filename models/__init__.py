@@ -1,0 +1,19 @@
+"""The ledger: SQLAlchemy 2 ORM tables. The database, not the broker, holds every item's state."""
+from models.base import Base, utcnow
+from models.states import BatchStatus, ItemState, ReviewDecision, Role, Verdict
+from models.tables import (
+    ApiKey,
+    AuditChainHead,
+    AuditEvent,
+    Batch,
+    Image,
+    Item,
+    Outbox,
+    QcResult,
+    Review,
+)
+
+__all__ = [
+    "ApiKey", "AuditChainHead", "AuditEvent", "Base", "Batch", "BatchStatus", "Image", "Item",
+    "ItemState", "Outbox", "QcResult", "Review", "ReviewDecision", "Role", "Verdict", "utcnow",
+]
