@@ -111,7 +111,7 @@ def load_components(
     from transformers import CLIPTextModel, CLIPTokenizer
 
     def load_model(cls: Any, name: str) -> Any:
-        model = cls.from_pretrained(folder / name, torch_dtype=dtype, local_files_only=True)
+        model = cls.from_pretrained(folder / name, dtype=dtype, local_files_only=True)
         return model.to(device).eval().requires_grad_(False)
 
     safety_checker, feature_extractor = _load_safety_checker(folder, model_index, load_model)
