@@ -12,13 +12,13 @@ import torch
 
 from instaflow.loading import ModelNotFoundError, load_components, weights_fingerprint
 from instaflow.pipeline import InstaFlowPipeline
-from tests.fixtures.engine import make_random_checkpoint, random_checkpoint  # noqa: F401  (fixture)
+from tests.fixtures.engine import make_random_checkpoint
 
 PROMPTS = ["a red mug on a table", "a blue running shoe", "a green glass bottle"]
 
 
 @pytest.fixture(scope="module")
-def pipe(random_checkpoint: Path) -> InstaFlowPipeline:  # noqa: F811
+def pipe(random_checkpoint: Path) -> InstaFlowPipeline:
     torch.set_num_threads(1)
     return InstaFlowPipeline.from_pretrained(random_checkpoint)
 

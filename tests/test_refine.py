@@ -21,20 +21,20 @@ from instaflow.refine import (
     img2img_schedule_length,
     load_refiner,
 )
-from tests.fixtures.engine import make_random_sdxl_refiner, random_checkpoint  # noqa: F401  (fixture)
+from tests.fixtures.engine import make_random_sdxl_refiner
 
 PROMPTS = ["a red mug on a table", "a blue running shoe"]
 SEEDS = [21, 22]
 
 
 @pytest.fixture(scope="module")
-def base_images(random_checkpoint: Path) -> list:  # noqa: F811
+def base_images(random_checkpoint: Path) -> list:
     torch.set_num_threads(1)
     return InstaFlowPipeline.from_pretrained(random_checkpoint)(PROMPTS, SEEDS).images
 
 
 @pytest.fixture(scope="module")
-def refiner(random_checkpoint: Path) -> RectifiedFlowRefiner:  # noqa: F811
+def refiner(random_checkpoint: Path) -> RectifiedFlowRefiner:
     loaded = load_refiner(random_checkpoint)
     assert isinstance(loaded, RectifiedFlowRefiner)
     return loaded
@@ -114,7 +114,7 @@ def test_a_missing_refiner_path_is_a_clear_error(path: str) -> None:
         SDXLRefiner.from_pretrained(path)
 
 
-def test_an_unknown_pipeline_class_is_not_a_refiner(random_checkpoint: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_an_unknown_pipeline_class_is_not_a_refiner(random_checkpoint: Path, tmp_path: Path) -> None:
     other = shutil.copytree(random_checkpoint, tmp_path / "other")
     index = json.loads((other / "model_index.json").read_text())
     (other / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionPipeline"}))
