@@ -112,7 +112,9 @@ def load_components(
 
     def load_model(cls: Any, name: str) -> Any:
         model = cls.from_pretrained(folder / name, dtype=dtype, local_files_only=True)
-        return model.to(device).eval().requires_grad_(False)
+        if device.type != "cpu":  # from_pretrained loads on the CPU
+            model = model.to(device)
+        return model.eval().requires_grad_(False)
 
     safety_checker, feature_extractor = _load_safety_checker(folder, model_index, load_model)
     return Components(
