@@ -54,11 +54,25 @@ class Settings(BaseSettings):
     lease_seconds: int = Field(420, alias="LEASE_SECONDS")
     max_attempts: int = Field(3, alias="MAX_ATTEMPTS")
 
+    # Worker pipeline: how many images one task carries (the submitter cuts chunks of this size),
+    # whether each forward pass is padded to `micro_batch` (an image's bytes then never depend on
+    # its neighbours, even when a retry regenerates it alone), how often the sweeper runs, and
+    # how long a completion webhook may take.
+    chunk_images: int = Field(16, alias="INSTABATCH_CHUNK_IMAGES", ge=1, le=4096)
+    pad_micro_batch: bool = Field(True, alias="INSTABATCH_PAD_MICRO_BATCH")
+    sweep_every_seconds: float = Field(60.0, alias="SWEEP_EVERY_SECONDS", gt=0)
+    webhook_timeout_seconds: float = Field(5.0, alias="WEBHOOK_TIMEOUT_SECONDS", gt=0)
+
     # Audit anchoring of the hash chain in write-once object storage.
     anchor_every_seconds: int = Field(300, alias="AUDIT_ANCHOR_SECONDS")
 
     # Bootstrap admin key for a fresh deployment (hashed on first use, never stored in clear).
     bootstrap_admin_key: str | None = Field(None, alias="INSTABATCH_ADMIN_KEY")
+
+    # API: images per outbox chunk (one task), and the secret that signs local object URLs
+    # (a random one is kept in var_dir when unset, shared by every API process on the machine).
+    chunk_images: int = Field(16, alias="CHUNK_IMAGES", ge=1, le=1024)
+    url_signing_secret: str | None = Field(None, alias="INSTABATCH_URL_SECRET")
 
     @model_validator(mode="after")
     def _embedded_defaults(self) -> "Settings":

@@ -1,0 +1,75 @@
+"""The worker's Celery app: core.broker's configuration plus the tasks, queues and beat schedule.
+
+Run one worker process per GPU with the solo pool (the default of ``instabatch worker``):
+
+    celery -A worker.celery_app worker --pool solo -Q generate.high,generate,generate.low,maintenance
+
+The model loads lazily in the process that runs the first task, never in a prefork parent
+(a forked child cannot use CUDA initialised before the fork). Solo has no time limits and no
+child recycling; the task enforces nothing itself but the lease, which it renews between
+micro-batches. With ``--pool prefork`` the time limits apply and a child that dies is replaced;
+its chunk is redelivered (``task_reject_on_worker_lost``) and run one item at a time.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import Celery, signals
+from kombu import Queue
+
+from core.broker import GENERATE_TASK, MAINTENANCE_QUEUE, QUEUE_FOR_PRIORITY, SWEEP_TASK, make_celery
+from core.settings import Settings, get_settings
+from worker.chunk import ChunkRunner
+from worker.context import WorkerContext
+from worker.sweeper import sweep
+
+log = logging.getLogger(__name__)
+# Consumed in this order: Celery polls the queues round-robin per fetch, so "high" is not strict.
+WORKER_QUEUES = (QUEUE_FOR_PRIORITY["high"], QUEUE_FOR_PRIORITY["normal"], QUEUE_FOR_PRIORITY["low"], MAINTENANCE_QUEUE)
+
+
+def create_app(settings: Settings | None = None) -> Celery:
+    settings = settings or get_settings()
+    app = make_celery(settings)
+    app.conf.update(
+        task_queues=[Queue(name) for name in WORKER_QUEUES],
+        task_routes={SWEEP_TASK: {"queue": MAINTENANCE_QUEUE}},
+        # A lazy model load in a prefork child happens in its first task; give children time to boot.
+        worker_proc_alive_timeout=120,
+        beat_schedule={
+            "sweep-expired-leases": {"task": SWEEP_TASK, "schedule": settings.sweep_every_seconds,
+                                     "options": {"queue": MAINTENANCE_QUEUE, "expires": settings.sweep_every_seconds}},
+        },
+        beat_schedule_filename=str(settings.var_dir.resolve() / "celerybeat-schedule"),
+    )
+    if settings.broker_url.startswith("sqla+"):
+        # kombu's SQLAlchemy transport hands every transport option to create_engine(), which
+        # refuses visibility_timeout / polling_interval; it has no visibility timeout anyway
+        # (a message fetched by a worker that dies is gone: the lease and the sweeper cover it).
+        app.conf.broker_transport_options = {}
+    ctx = WorkerContext(settings, celery=app)
+    app.instabatch = ctx  # type: ignore[attr-defined]
+
+    @app.task(name=GENERATE_TASK, bind=True, ignore_result=True)
+    def generate_chunk(task: Any, item_ids: list[str]) -> dict[str, Any]:
+        """Claim, generate, store, check and record a chunk of items; idempotent under redelivery."""
+        report = ChunkRunner(ctx, task.request.id or "local").run(item_ids)
+        log.info("chunk done: %s", report.as_dict())
+        return report.as_dict()
+
+    @app.task(name=SWEEP_TASK, ignore_result=True)
+    def sweep_expired() -> dict[str, int]:
+        report = sweep(ctx.sessions, app, settings)
+        return {"requeued": len(report.requeued), "dead": len(report.dead), "dispatched": report.dispatched}
+
+    @signals.worker_ready.connect(weak=False)
+    def sweep_at_start(sender: Any = None, **_: Any) -> None:
+        if sender is None or getattr(sender, "app", None) is not app:
+            return
+        try:
+            sweep(ctx.sessions, app, settings)
+        except Exception:  # a worker that cannot sweep can still work; beat will sweep later
+            log.exception("sweep at worker start failed")
+
+    return app

@@ -1,0 +1,57 @@
+"""A batch is complete when its last active item ends: counted in the ledger, not with chords.
+
+Whoever ends an item runs :func:`complete_if_done` after committing it. The guarded UPDATE
+(``finished_at IS NULL AND no queued/running item``) lets exactly one caller win, however many
+workers finish items at the same time; the sweeper calls it too, as a backstop.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import httpx
+from sqlalchemy import exists, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from core import audit
+from core.ledger import batch_status, state_counts
+from models import Batch, Item, ItemState, utcnow
+
+log = logging.getLogger(__name__)
+ACTIVE = (ItemState.QUEUED.value, ItemState.RUNNING.value)
+
+
+def complete_if_done(sessions: sessionmaker[Session], batch_id: str, *, actor: str,
+                     webhook_timeout: float = 5.0) -> bool:
+    """Mark the batch finished if nothing of it is active any more; True when this call did it."""
+    with sessions() as session:
+        active_items = exists().where(Item.batch_id == Batch.id, Item.state.in_(ACTIVE))
+        won = session.execute(
+            update(Batch).where(Batch.id == batch_id, Batch.finished_at.is_(None), ~active_items)
+            .values(finished_at=utcnow()).returning(Batch.id).execution_options(synchronize_session=False)
+        ).first()
+        if won is None:
+            session.rollback()
+            return False
+        batch = session.get(Batch, batch_id)
+        counts = state_counts(session, [batch_id])[batch_id]
+        payload = {"status": batch_status(batch, counts).value, "counts": counts}
+        audit.record(session, "batch.completed", actor=actor, batch_id=batch_id, payload=payload)
+        session.commit()
+        webhook_url = batch.webhook_url
+        message = {"event": "batch.completed", "batch_id": batch_id, "name": batch.name,
+                   "finished_at": batch.finished_at.isoformat(), **payload}
+    if webhook_url:
+        post_webhook(webhook_url, message, timeout=webhook_timeout)
+    return True
+
+
+def post_webhook(url: str, message: dict[str, Any], *, timeout: float) -> bool:
+    """Best effort: a slow or failing receiver never fails the task; the batch status stays in the API."""
+    try:
+        response = httpx.post(url, json=message, timeout=timeout, follow_redirects=False)
+        response.raise_for_status()
+    except Exception as error:  # any failure of someone else's server is only logged
+        log.warning("webhook %s for batch %s failed: %s", url, message.get("batch_id"), error)
+        return False
+    return True

@@ -1,0 +1,105 @@
+"""What one worker process holds: settings, ledger sessions, the object store, the engine, QC.
+
+Everything is created lazily and per process: a forked child never reuses its parent's
+database connections, and the model is loaded in the process that runs tasks.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from typing import Any
+
+from celery import Celery
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.db import make_engine, session_factory
+from core.settings import Settings
+from core.storage import ObjectStore, make_store
+from worker.engine import Engine
+
+log = logging.getLogger(__name__)
+
+
+class WorkerContext:
+    def __init__(self, settings: Settings, celery: Celery | None = None):
+        self.settings = settings
+        self.celery = celery
+        self._pid: int | None = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self._pid = os.getpid()
+        self._sessions: sessionmaker[Session] | None = None
+        self._store: ObjectStore | None = None
+        self._engine: Engine | None = None
+        self._checker: Any = None
+        self._screening: Any = None
+
+    def _this_process(self) -> None:
+        if self._pid != os.getpid():
+            self._reset()
+
+    @property
+    def sessions(self) -> sessionmaker[Session]:
+        self._this_process()
+        if self._sessions is None:
+            self._sessions = session_factory(make_engine(self.settings.database_url))
+        return self._sessions
+
+    @property
+    def store(self) -> ObjectStore:
+        self._this_process()
+        if self._store is None:
+            self._store = make_store(self.settings)
+        return self._store
+
+    @property
+    def engine(self) -> Engine:
+        self._this_process()
+        if self._engine is None:
+            self._engine = Engine(self.settings)
+        return self._engine
+
+    @property
+    def quality_checker(self) -> Any | None:
+        """qc.checker.QualityChecker when the qc package is installed, else None (no QC)."""
+        self._this_process()
+        if self._checker is None:
+            try:
+                from qc.checker import QualityChecker
+            except ImportError:
+                log.warning("qc package not importable: images are stored without a QC verdict")
+                self._checker = False
+            else:
+                self._checker = QualityChecker()
+        return self._checker or None
+
+    @property
+    def screening_policy(self) -> Any | None:
+        self._this_process()
+        if self._screening is None:
+            try:
+                from qc.screening import ScreeningPolicy
+            except ImportError:
+                self._screening = False
+            else:
+                self._screening = ScreeningPolicy.from_settings()
+        return self._screening or None
+
+    def screen(self, prompt: str) -> str | None:
+        """Why a prompt must not be generated, or None when it may be."""
+        policy = self.screening_policy
+        if policy is None:
+            return None
+        from qc.screening import screen_prompt
+
+        result = screen_prompt(prompt, policy)
+        if result.allowed:
+            return None
+        return f"prompt blocked by screening: {result.reason}" + (f" ({result.detail})" if result.detail else "")
+
+
+def worker_identity() -> str:
+    """host:pid, the prefix of every lease this process takes."""
+    return f"{socket.gethostname()}:{os.getpid()}"

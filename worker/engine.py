@@ -1,0 +1,132 @@
+"""The generation engine as a worker process sees it: loaded once, lazily, in the process that runs tasks.
+
+Nothing here imports torch at module import time, and nothing touches CUDA until the first
+task runs: a prefork parent must never initialise CUDA (its forked children could not use it),
+so the model is loaded in the process that generates (DESIGN.md, "CUDA and prefork").
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+from core.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """The shape of a batch's images, read from ``batch.params`` (validated by the API)."""
+
+    width: int | None = None
+    height: int | None = None
+    num_inference_steps: int = 1
+    guidance_scale: float = 0.0
+    negative_prompt: str | None = None
+    refine: dict[str, Any] | None = field(default=None, hash=False)
+
+    @classmethod
+    def from_batch(cls, params: dict[str, Any] | None) -> "GenerationParams":
+        params = params or {}
+        steps = params.get("num_inference_steps", params.get("steps"))
+        return cls(
+            width=_int_or_none(params.get("width")),
+            height=_int_or_none(params.get("height")),
+            num_inference_steps=int(steps) if steps is not None else 1,
+            guidance_scale=float(params.get("guidance_scale") or 0.0),
+            negative_prompt=params.get("negative_prompt") or None,
+            refine=_refine_options(params.get("refine")),
+        )
+
+    def canonical(self) -> str:
+        """The params as recorded in provenance: canonical JSON, so equal params give equal bytes."""
+        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+
+
+def _int_or_none(value: Any) -> int | None:
+    return int(value) if value is not None else None
+
+
+def _refine_options(value: Any) -> dict[str, Any] | None:
+    """``params.refine`` may be a bool or RefineParams' dict; None when refining is off."""
+    if not value:
+        return None
+    options = {"enabled": True} if value is True else dict(value)
+    if not options.get("enabled", True):
+        return None
+    try:
+        from instaflow.refine import RefineParams
+    except ImportError:
+        return {**options, "enabled": True}
+    return RefineParams(**{**options, "enabled": True}).model_dump()
+
+
+@dataclass
+class Rendered:
+    """One forward pass's output: images in input order, the safety flags, and stage timings."""
+
+    images: list[Any]
+    nsfw_flags: list[bool]
+    seconds: dict[str, float]
+
+
+class Engine:
+    """The InstaFlow pipeline (and the refiner, when a batch asks for it) of one worker process."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self._pipe: Any = None
+        self._refiner: Any = None
+
+    @property
+    def pipe(self) -> Any:
+        if self._pipe is None:
+            from instaflow.pipeline import InstaFlowPipeline
+
+            started = time.perf_counter()
+            self._pipe = InstaFlowPipeline.from_pretrained(self.settings.model_path, device=self.settings.device)
+            log.info("loaded model %s in %.1fs", self._pipe.model_id, time.perf_counter() - started)
+        return self._pipe
+
+    @property
+    def refiner(self) -> Any:
+        if self._refiner is None:
+            from instaflow.refine import load_refiner
+
+            self._refiner = load_refiner(self.settings.refiner_path, device=self.settings.device)
+        return self._refiner
+
+    @property
+    def model_id(self) -> str:
+        return self.pipe.model_id
+
+    @property
+    def weights_sha256(self) -> str:
+        return self.pipe.weights_sha256
+
+    def generate(self, prompts: Sequence[str], seeds: Sequence[int], params: GenerationParams) -> Rendered:
+        """One batched forward pass (per Euler step) for all prompts; refine after it when asked."""
+        started = time.perf_counter()
+        fixed = self.settings.micro_batch if self.settings.pad_micro_batch else None
+        out = self.pipe(
+            list(prompts), list(seeds), height=params.height, width=params.width,
+            num_inference_steps=params.num_inference_steps, guidance_scale=params.guidance_scale,
+            negative_prompt=params.negative_prompt,
+            fixed_batch_size=fixed if fixed and fixed >= len(prompts) else None,
+        )
+        seconds = {"generate": time.perf_counter() - started}
+        images, flags = list(out.images), list(out.nsfw_flags)
+        if params.refine:
+            started = time.perf_counter()
+            options = {k: params.refine[k] for k in ("strength", "steps", "upscale") if k in params.refine}
+            refined = self.refiner.refine(images, list(prompts), list(seeds), **options)
+            images = list(refined.images)
+            flags = [a or b for a, b in zip(flags, refined.nsfw_flags)]
+            seconds["refine"] = time.perf_counter() - started
+        return Rendered(images=images, nsfw_flags=flags, seconds=seconds)
+
+    def refiner_identity(self) -> dict[str, str]:
+        return {"refiner_model": self.refiner.model_id, "refiner_weights_sha256": self.refiner.weights_sha256}

@@ -1,0 +1,80 @@
+"""The backstop: items whose lease expired go back to the queue (or to ``dead`` past the cap).
+
+A worker that dies mid-chunk leaves its items ``running`` under a lease nobody renews. Once the
+lease expires the sweeper requeues them with a new outbox chunk, then relays pending chunks to
+the broker. It runs as a beat task, once at worker start and inside ``instabatch run``'s loop.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from celery import Celery
+from sqlalchemy import and_, select, update
+from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.sql.elements import ColumnElement
+
+from core import audit
+from core.dispatch import dispatch_pending
+from core.settings import Settings, get_settings
+from models import Batch, Item, ItemState, utcnow
+from worker import leases
+from worker.completion import complete_if_done
+
+log = logging.getLogger(__name__)
+ACTOR = "sweeper"
+
+
+@dataclass
+class SweepReport:
+    requeued: list[str] = field(default_factory=list)
+    dead: list[str] = field(default_factory=list)
+    cancelled: list[str] = field(default_factory=list)
+    dispatched: int = 0
+    completed_batches: list[str] = field(default_factory=list)
+
+
+def sweep(sessions: sessionmaker[Session], celery: Celery | None = None, settings: Settings | None = None,
+          *, abandoned_by: str | None = None) -> SweepReport:
+    """Requeue expired leases (or those of ``abandoned_by``, a ``host:pid`` known to be dead), relay."""
+    settings = settings or get_settings()
+    now = utcnow()
+    stale = Item.lease_expires_at < now
+    if abandoned_by:
+        stale = stale | Item.lease_owner.startswith(f"{abandoned_by}:", autoescape=True)
+    report = SweepReport()
+    with sessions() as session:
+        report.cancelled = _end(session, and_(stale, Item.batch_id.in_(_cancelled())), ItemState.CANCELLED, now)
+        report.dead = _end(session, and_(stale, Item.attempts >= settings.max_attempts), ItemState.DEAD, now,
+                           error=leases.dead_error(settings.max_attempts))
+        report.requeued = leases.requeue(session, stale, chunk_images=settings.chunk_images)
+        if report.requeued or report.dead:
+            audit.record(session, "items.swept", actor=ACTOR,
+                         payload={"requeued": report.requeued, "dead": report.dead, "cancelled": report.cancelled})
+        session.commit()
+    if report.requeued or report.dead:
+        log.warning("sweeper: %d expired leases requeued, %d items dead", len(report.requeued), len(report.dead))
+    report.dispatched = dispatch_pending(sessions, celery)
+    report.completed_batches = complete_finished_batches(sessions, settings)
+    return report
+
+
+def _cancelled() -> object:
+    return select(Batch.id).where(Batch.cancel_requested_at.is_not(None))
+
+
+def _end(session: Session, condition: ColumnElement[bool], state: ItemState, now: object,
+         error: str | None = None) -> list[str]:
+    return list(session.execute(
+        update(Item).where(condition, Item.state == ItemState.RUNNING.value)
+        .values(state=state.value, finished_at=now, error=error, lease_owner=None, lease_expires_at=None)
+        .returning(Item.id).execution_options(synchronize_session=False)
+    ).scalars())
+
+
+def complete_finished_batches(sessions: sessionmaker[Session], settings: Settings) -> list[str]:
+    """Batches with nothing active but no finished_at (a worker died right after its last item)."""
+    with sessions() as session:
+        candidates = session.scalars(select(Batch.id).where(Batch.finished_at.is_(None))).all()
+    return [batch_id for batch_id in candidates
+            if complete_if_done(sessions, batch_id, actor=ACTOR, webhook_timeout=settings.webhook_timeout_seconds)]
