@@ -1,0 +1,140 @@
+"""One image, prepared once for every scorer.
+
+Scorers accept PIL images and numpy arrays (HxW or HxWxC, uint8 in 0-255 or
+float in 0-1).  A float array may hold NaN or inf (a diverged model); the view
+records how much, and the other scorers see those pixels as 0 so they still run.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import cached_property
+from typing import Any, Union
+
+import numpy as np
+from PIL import Image
+
+ImageInput = Union[Image.Image, np.ndarray]
+
+# Rec. 709 luma weights on the encoded (sRGB) values.
+LUMA_WEIGHTS = np.array([0.2126, 0.7152, 0.0722], dtype=np.float32)
+HIST_BINS = 64
+
+
+def _as_float_rgb(image: ImageInput) -> np.ndarray:
+    """HxWx3 float32, values nominally in [0, 1]; non-finite values kept as they are."""
+    if isinstance(image, Image.Image):
+        array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+        return array
+    array = np.asarray(image)
+    if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
+        array = np.moveaxis(array, 0, -1)  # CHW tensors from a pipeline
+    if array.ndim == 2:
+        array = array[..., None]
+    if array.ndim != 3:
+        raise ValueError(f"expected an HxW or HxWxC image, got shape {array.shape}")
+    if array.shape[-1] == 1:
+        array = np.repeat(array, 3, axis=-1)
+    array = array[..., :3]
+    if np.issubdtype(array.dtype, np.integer) or array.dtype == np.bool_:
+        return array.astype(np.float32) / 255.0
+    return array.astype(np.float32, copy=False)
+
+
+def _block_mean(array: np.ndarray, factor: int) -> np.ndarray:
+    """Box-downscale HxWxC by an integer factor (edges that do not fill a block are cropped)."""
+    h, w = (array.shape[0] // factor) * factor, (array.shape[1] // factor) * factor
+    blocks = array[:h, :w].reshape(h // factor, factor, w // factor, factor, array.shape[2])
+    return blocks.mean(axis=(1, 3), dtype=np.float32)
+
+
+class ImageView:
+    """Lazily computed representations of one image, shared by all scorers.
+
+    Scorers look at a working copy no larger than about ``work_size`` squared:
+    large images are box-downscaled by an integer factor first (a 512x512 image
+    becomes 256x256).  Pixel statistics barely move under a box filter, and it
+    keeps QC of a 512-pixel chunk as cheap as that of a small one.
+    """
+
+    def __init__(self, image: ImageInput, sharpness_size: int = 256, work_size: int = 256) -> None:
+        self.source = image
+        self.sharpness_size = sharpness_size
+        self.non_finite_fraction = 0.0
+        if isinstance(image, Image.Image):  # 8-bit: nothing to guard, let PIL downscale
+            rgb_image = image.convert("RGB")
+            self.width, self.height = rgb_image.size
+            factor = self._factor(work_size)
+            if factor >= 2:
+                rgb_image = rgb_image.reduce(factor)
+            self.rgb = np.asarray(rgb_image, dtype=np.float32) / np.float32(255.0)
+            return
+        raw = _as_float_rgb(image)
+        self.height, self.width = raw.shape[:2]
+        finite = np.isfinite(raw)
+        self.non_finite_fraction = float(1.0 - finite.mean()) if raw.size else 1.0
+        if self.non_finite_fraction:
+            raw = np.where(finite, raw, 0.0)
+        factor = self._factor(work_size)
+        if factor >= 2:
+            raw = _block_mean(raw, factor)
+        self.rgb = np.clip(raw, 0.0, 1.0).astype(np.float32, copy=False)
+
+    def _factor(self, work_size: int) -> int:
+        return int(math.sqrt(self.width * self.height) // work_size)
+
+    @cached_property
+    def luma(self) -> np.ndarray:
+        return self.rgb @ LUMA_WEIGHTS
+
+    @cached_property
+    def pil(self) -> Image.Image:
+        """The full-size RGB uint8 image (what a model-based scorer looks at)."""
+        if isinstance(self.source, Image.Image):
+            return self.source.convert("RGB")
+        full = np.nan_to_num(_as_float_rgb(self.source), nan=0.0, posinf=0.0, neginf=0.0)
+        return Image.fromarray(np.round(np.clip(full, 0.0, 1.0) * 255.0).astype(np.uint8), "RGB")
+
+    @cached_property
+    def work_pil(self) -> Image.Image:
+        """The working copy as RGB uint8 (for hashing)."""
+        return Image.fromarray(np.round(self.rgb * 255.0).astype(np.uint8), "RGB")
+
+    @cached_property
+    def grey_u8(self) -> Image.Image:
+        return Image.fromarray(np.round(self.luma * 255.0).astype(np.uint8), "L")
+
+    @cached_property
+    def luma_histogram(self) -> np.ndarray:
+        counts, _ = np.histogram(self.luma, bins=HIST_BINS, range=(0.0, 1.0))
+        return counts
+
+    @cached_property
+    def sharpness_grey(self) -> np.ndarray:
+        """Grey image (0-255) rescaled to an area of sharpness_size**2, aspect kept.
+
+        A fixed pixel budget makes the Laplacian comparable across resolutions:
+        a 512x512 image is downscaled, a 64x64 one is upscaled (bicubic), which
+        smooths its edges; the thresholds account for that (docs/qc.md).
+        """
+        height, width = self.luma.shape
+        scale = self.sharpness_size / math.sqrt(width * height)
+        size = (max(3, round(width * scale)), max(3, round(height * scale)))
+        grey = self.luma * np.float32(255.0)
+        if size == (width, height):
+            return grey
+        return np.asarray(Image.fromarray(grey, "F").resize(size, Image.Resampling.BICUBIC), dtype=np.float32)
+
+    @property
+    def upscaled(self) -> bool:
+        return self.width * self.height < self.sharpness_size**2
+
+    @property
+    def size_label(self) -> str:
+        return f"{self.width}x{self.height}"
+
+
+def load_image(path: Any) -> Image.Image:
+    with Image.open(path) as image:
+        image.load()
+        return image.copy()
