@@ -8,16 +8,46 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
-from typing import Any
+from enum import StrEnum
+from types import SimpleNamespace
+from typing import Any, Protocol
 
-from sqlalchemy import update
+from sqlalchemy import insert, update
 from sqlalchemy.orm import Session
 
 from models import AuditChainHead, AuditEvent, utcnow
 
 GENESIS_HASH = "0" * 64
 CHAIN_HEAD_ID = 1
+BULK_INSERT_ROWS = 5_000
+
+
+class Action(StrEnum):
+    """The actions the services record; docs/compliance.md lists what each payload carries."""
+    BATCH_SUBMITTED = "batch.submitted"
+    BATCH_CANCELLED = "batch.cancelled"
+    BATCH_RETRIED = "batch.retried"
+    ITEM_GENERATED = "item.generated"
+    ITEM_FAILED = "item.failed"
+    IMAGE_QC = "image.qc"
+    IMAGE_REVIEWED = "image.reviewed"
+    KEY_CREATED = "key.created"
+    KEY_REVOKED = "key.revoked"
+    AUDIT_EXPORTED = "audit.exported"
+
+
+class EventFields(Protocol):
+    """What the hash covers; an ORM ``AuditEvent`` and a Core result row both qualify."""
+    seq: int
+    ts: datetime
+    actor: str
+    action: str
+    batch_id: str | None
+    item_id: str | None
+    image_id: str | None
+    payload: Any
 
 
 def _utc_naive_iso(ts: datetime) -> str:
@@ -27,9 +57,11 @@ def _utc_naive_iso(ts: datetime) -> str:
     return ts.isoformat(timespec="microseconds")
 
 
-def canonical_event(event: AuditEvent) -> bytes:
+def canonical_event(event: EventFields, seq: int | None = None) -> bytes:
+    """The bytes the hash covers. ``seq`` overrides the event's own (the verifier uses it to find
+    where a renumbered row was first recorded)."""
     body = {
-        "seq": event.seq,
+        "seq": event.seq if seq is None else seq,
         "ts": _utc_naive_iso(event.ts),
         "actor": event.actor,
         "action": event.action,
@@ -41,8 +73,8 @@ def canonical_event(event: AuditEvent) -> bytes:
     return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str).encode()
 
 
-def event_hash(prev_hash: str, event: AuditEvent) -> str:
-    return hashlib.sha256(prev_hash.encode() + canonical_event(event)).hexdigest()
+def event_hash(prev_hash: str, event: EventFields, seq: int | None = None) -> str:
+    return hashlib.sha256(prev_hash.encode() + canonical_event(event, seq)).hexdigest()
 
 
 def to_jsonable(payload: dict[str, Any]) -> dict[str, Any]:
@@ -61,12 +93,7 @@ def record(
     image_id: str | None = None,
 ) -> AuditEvent:
     """Append one event to the chain inside the caller's transaction."""
-    seq, prev_hash = session.execute(
-        update(AuditChainHead)
-        .where(AuditChainHead.id == CHAIN_HEAD_ID)
-        .values(last_seq=AuditChainHead.last_seq + 1)
-        .returning(AuditChainHead.last_seq, AuditChainHead.last_hash)
-    ).one()
+    seq, prev_hash = _reserve(session, 1)
     event = AuditEvent(
         seq=seq,
         ts=utcnow(),
@@ -80,7 +107,59 @@ def record(
     )
     event.hash = event_hash(prev_hash, event)
     session.add(event)
-    session.execute(
-        update(AuditChainHead).where(AuditChainHead.id == CHAIN_HEAD_ID).values(last_hash=event.hash)
-    )
+    _set_head_hash(session, event.hash)
     return event
+
+
+def record_many(session: Session, events: Iterable[Mapping[str, Any]]) -> int:
+    """Append many events in one transaction with one chain-head lock and bulk inserts.
+
+    Each mapping has ``action``, ``actor`` and optionally ``payload``, ``batch_id``, ``item_id``,
+    ``image_id`` and ``ts``. Returns how many were written.
+    """
+    pending = list(events)
+    if not pending:
+        return 0
+    last_seq, prev_hash = _reserve(session, len(pending))
+    seq = last_seq - len(pending)
+    rows: list[dict[str, Any]] = []
+    for event in pending:
+        seq += 1
+        row = {
+            "seq": seq, "ts": event.get("ts") or utcnow(), "actor": event["actor"], "action": event["action"],
+            "batch_id": event.get("batch_id"), "item_id": event.get("item_id"),
+            "image_id": event.get("image_id"), "payload": to_jsonable(event.get("payload") or {}),
+            "prev_hash": prev_hash,
+        }
+        row["hash"] = prev_hash = _hash_mapping(row)
+        rows.append(row)
+        if len(rows) == BULK_INSERT_ROWS:
+            session.execute(insert(AuditEvent), rows)
+            rows = []
+    if rows:
+        session.execute(insert(AuditEvent), rows)
+    _set_head_hash(session, prev_hash)
+    return len(pending)
+
+
+def _hash_mapping(row: Mapping[str, Any]) -> str:
+    return event_hash(row["prev_hash"], SimpleNamespace(**row))  # type: ignore[arg-type]
+
+
+def _reserve(session: Session, count: int) -> tuple[int, str]:
+    """Bump the chain head by ``count`` seqs; returns (last reserved seq, hash before them).
+
+    The UPDATE takes the row lock (PostgreSQL) or the write lock (SQLite) until commit, which is
+    what serializes writers.
+    """
+    last_seq, prev_hash = session.execute(
+        update(AuditChainHead)
+        .where(AuditChainHead.id == CHAIN_HEAD_ID)
+        .values(last_seq=AuditChainHead.last_seq + count)
+        .returning(AuditChainHead.last_seq, AuditChainHead.last_hash)
+    ).one()
+    return last_seq, prev_hash
+
+
+def _set_head_hash(session: Session, head_hash: str) -> None:
+    session.execute(update(AuditChainHead).where(AuditChainHead.id == CHAIN_HEAD_ID).values(last_hash=head_hash))
