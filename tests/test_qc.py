@@ -116,6 +116,13 @@ def test_heavy_gaussian_blur_goes_to_review_as_blurry(checker, size, radius):
     assert outcome.reasons == ["blurry"]
 
 
+def test_a_soft_mush_with_crisp_edge_artifacts_is_still_blurry(checker):
+    # what an undertrained one-step model gives: a blob, and a decoder's thin frame at the edges
+    mush = product_image(backdrop=(225, 228, 215)).filter(ImageFilter.GaussianBlur(3))
+    ImageDraw.Draw(mush).rectangle((0, 0, 63, 63), outline=(150, 170, 140))
+    assert check_one(checker, mush).reasons == ["blurry"]
+
+
 def test_a_duplicate_pair_flags_the_later_image_and_names_its_twin(checker):
     original = product_image()
     copy = Image.fromarray(np.clip(np.asarray(original, dtype=np.int16) + 2, 0, 255).astype(np.uint8))
