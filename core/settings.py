@@ -69,9 +69,8 @@ class Settings(BaseSettings):
     # Bootstrap admin key for a fresh deployment (hashed on first use, never stored in clear).
     bootstrap_admin_key: str | None = Field(None, alias="INSTABATCH_ADMIN_KEY")
 
-    # API: images per outbox chunk (one task), and the secret that signs local object URLs
-    # (a random one is kept in var_dir when unset, shared by every API process on the machine).
-    chunk_images: int = Field(16, alias="CHUNK_IMAGES", ge=1, le=1024)
+    # API: the secret that signs local object URLs (a random one is kept in var_dir when unset,
+    # shared by every API process on the machine).
     url_signing_secret: str | None = Field(None, alias="INSTABATCH_URL_SECRET")
 
     @model_validator(mode="after")

@@ -1,0 +1,129 @@
+"""One error shape for every failure: ``{"error": {"code", "message", "details"}}``.
+
+Bad input is always a 4xx with a code a client can branch on; anything unexpected is a 500 in
+the same shape, logged here with its traceback and never sent to the client.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger(__name__)
+
+CODE_FOR_STATUS = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "validation_error",
+    429: "too_many_requests",
+    500: "internal_error",
+    503: "unavailable",
+}
+
+
+class APIError(StarletteHTTPException):
+    """An error with its own code and details. An HTTPException, so FastAPI's body parser re-raises it."""
+
+    def __init__(
+        self,
+        status_code: int,
+        message: str,
+        *,
+        code: str | None = None,
+        details: Any = None,
+        headers: Mapping[str, str] | None = None,
+    ):
+        super().__init__(status_code=status_code, detail=message, headers=dict(headers) if headers else None)
+        self.code = code or CODE_FOR_STATUS.get(status_code, "error")
+        self.message = message
+        self.details = details
+
+
+def not_found(what: str) -> APIError:
+    return APIError(404, f"{what} not found")
+
+
+def error_body(code: str, message: str, details: Any = None) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message, "details": details}}
+
+
+def error_response(status: int, code: str, message: str, details: Any = None,
+                   headers: Mapping[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(code, message, details), status_code=status, headers=headers)
+
+
+def field_errors(errors: Iterable[Mapping[str, Any]], loc_prefix: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+    """Pydantic errors as ``{"field", "loc", "message", "type"}``, without echoing the input back.
+
+    A 100k-character prompt must not come back in the error, and pydantic's ``ctx`` may hold
+    exception objects that JSON cannot carry.
+    """
+    details = []
+    for error in errors:
+        loc = loc_prefix + tuple(error.get("loc", ()))
+        details.append({
+            "field": ".".join(str(part) for part in loc),
+            "loc": list(loc),
+            "message": _clean_message(error.get("msg", "invalid value")),
+            "type": error.get("type", "value_error"),
+        })
+    return details
+
+
+def _clean_message(message: str) -> str:
+    # Errors raised inside our validators come as "Value error, <our message>".
+    return message.removeprefix("Value error, ")
+
+
+def validation_error(errors: Iterable[Mapping[str, Any]], loc_prefix: tuple[Any, ...] = (),
+                     message: str = "the request is not valid") -> APIError:
+    return APIError(422, message, details=field_errors(errors, loc_prefix))
+
+
+def from_pydantic(exc: ValidationError, loc_prefix: tuple[Any, ...] = ("body",)) -> APIError:
+    return validation_error(exc.errors(include_input=False, include_url=False), loc_prefix)
+
+
+async def _api_error(_request: Request, exc: APIError) -> JSONResponse:
+    return error_response(exc.status_code, exc.code, exc.message, exc.details, exc.headers)
+
+
+async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    if isinstance(exc, APIError):
+        return await _api_error(_request, exc)
+    code = CODE_FOR_STATUS.get(exc.status_code, "error")
+    message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
+    if exc.status_code == 404 and message == "Not Found":
+        message = "no such route"
+    return error_response(exc.status_code, code, message, None, exc.headers)
+
+
+async def _request_validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = exc.errors()
+    if any(error.get("type") == "json_invalid" for error in errors):
+        return error_response(400, "bad_json", "the request body is not valid JSON")
+    return error_response(422, "validation_error", "the request is not valid", field_errors(errors))
+
+
+async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return error_response(500, "internal_error", "internal server error")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _request_validation_error)
+    app.add_exception_handler(Exception, _unexpected_error)

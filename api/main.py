@@ -1,0 +1,54 @@
+"""The InstaBatch HTTP API: ``uvicorn api.main:app`` or ``instabatch serve``.
+
+``create_app()`` reads no settings while it builds the app, so tests (and the CLI) can set the
+environment first; every request reads the current settings.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+from api.errors import install_error_handlers
+from api.middleware import BodySizeLimit, RequestMetrics
+from api.routes import audit, batches, health, items, keys, objects
+from api.schemas import BatchCreate
+
+API_PREFIX = "/v1"
+DESCRIPTION = """Bulk product images with one-step InstaFlow generation.
+
+Authenticate with `Authorization: Bearer <api key>`. Every error is
+`{"error": {"code", "message", "details"}}` with a 4xx status for bad input."""
+
+
+def create_app() -> FastAPI:
+    app = FastAPI(title="InstaBatch", version="1", description=DESCRIPTION)
+    install_error_handlers(app)
+    app.include_router(health.router)
+    app.include_router(batches.router, prefix=API_PREFIX)
+    app.include_router(items.router, prefix=API_PREFIX)
+    app.include_router(objects.router, prefix=API_PREFIX)
+    app.include_router(keys.router, prefix=API_PREFIX)
+    app.include_router(audit.router, prefix=API_PREFIX)
+    # Added last = outermost: the size limit answers 413 before anything reads the body.
+    app.add_middleware(RequestMetrics)
+    app.add_middleware(BodySizeLimit)
+    app.openapi = lambda: openapi_schema(app)  # type: ignore[method-assign]
+    return app
+
+
+def openapi_schema(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema, plus the models of bodies that routes parse themselves (JSON or CSV)."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for model in (BatchCreate,):
+            model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(model_schema.pop("$defs", {}))
+            components[model.__name__] = model_schema
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+app = create_app()

@@ -1,0 +1,203 @@
+"""Read-side queries that turn ledger rows into response models (routes stay thin)."""
+from __future__ import annotations
+
+import base64
+import binascii
+from collections import defaultdict
+from collections.abc import Sequence
+
+from sqlalchemy import and_, exists, func, or_, select
+from sqlalchemy.orm import Session
+
+from api.deps import looks_like_id
+from api.errors import APIError
+from api.schemas import BatchOut, BatchPage, ImageDetail, ImageOut, ItemDetail, ItemOut, ItemPage
+from api.schemas.batches import progress_of
+from api.signing import object_url
+from core import ledger
+from core.keys import Principal
+from models import Batch, BatchStatus, Image, Item, QcResult, Review, Verdict
+
+TERMINAL_STATUSES = {BatchStatus.SUCCEEDED, BatchStatus.COMPLETED_WITH_ERRORS, BatchStatus.CANCELLED}
+VERDICT_SEVERITY = {Verdict.PASS: 0, Verdict.REVIEW: 1, Verdict.REJECT: 2}
+
+
+# Cursors are opaque to clients: base64 of "<kind>:<position>".
+
+def encode_cursor(kind: str, position: str | int) -> str:
+    return base64.urlsafe_b64encode(f"{kind}:{position}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str, kind: str) -> str:
+    try:
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        text = ""
+    found_kind, _, position = text.partition(":")
+    if found_kind != kind or not position:
+        raise bad_cursor()
+    return position
+
+
+def bad_cursor() -> APIError:
+    return APIError(422, "the request is not valid", details=[{
+        "field": "query.cursor", "loc": ["query", "cursor"],
+        "message": "not a cursor this listing handed out", "type": "value_error",
+    }])
+
+
+# Batches
+
+def batch_views(session: Session, batches: Sequence[Batch]) -> list[BatchOut]:
+    counts = ledger.state_counts(session, [b.id for b in batches])
+    statuses = {b.id: ledger.batch_status(b, counts[b.id]) for b in batches}
+    ended = [b.id for b in batches if b.finished_at is None and statuses[b.id] in TERMINAL_STATUSES]
+    last_finished = _last_finished(session, ended)
+    return [
+        BatchOut.model_validate({
+            **{column: getattr(b, column) for column in BATCH_COLUMNS},
+            "status": statuses[b.id],
+            "counts": counts[b.id],
+            "progress": progress_of(counts[b.id]),
+            "finished_at": b.finished_at or last_finished.get(b.id),
+        })
+        for b in batches
+    ]
+
+
+BATCH_COLUMNS = (
+    "id", "name", "team", "priority", "params", "webhook_url", "idempotency_key", "submitted_by",
+    "total_items", "total_images", "created_at", "cancel_requested_at",
+)
+
+
+def _last_finished(session: Session, batch_ids: list[str]) -> dict[str, object]:
+    # A batch whose items all ended finished when its last item did (the worker may not stamp it).
+    if not batch_ids:
+        return {}
+    rows = session.execute(
+        select(Item.batch_id, func.max(Item.finished_at)).where(Item.batch_id.in_(batch_ids)).group_by(Item.batch_id)
+    )
+    return {batch_id: finished for batch_id, finished in rows}
+
+
+def batch_view(session: Session, batch: Batch) -> BatchOut:
+    return batch_views(session, [batch])[0]
+
+
+def page_batches(session: Session, principal: Principal, *, limit: int, cursor: str | None = None,
+                 team: str | None = None) -> BatchPage:
+    """Newest first; the cursor is the last batch seen, so pages stay stable while batches arrive."""
+    query = select(Batch)
+    if not principal.sees_all_teams:
+        query = query.where(Batch.team == principal.team)
+    elif team is not None:
+        query = query.where(Batch.team == team)
+    if cursor:
+        after_id = decode_cursor(cursor, "b")
+        after = session.execute(select(Batch.created_at, Batch.id).where(Batch.id == after_id)).first() \
+            if looks_like_id(after_id) else None
+        if after is None:
+            raise bad_cursor()
+        query = query.where(or_(
+            Batch.created_at < after.created_at,
+            and_(Batch.created_at == after.created_at, Batch.id < after.id),
+        ))
+    rows = list(session.scalars(query.order_by(Batch.created_at.desc(), Batch.id.desc()).limit(limit + 1)))
+    next_cursor = encode_cursor("b", rows[limit - 1].id) if len(rows) > limit else None
+    return BatchPage(batches=batch_views(session, rows[:limit]), next_cursor=next_cursor)
+
+
+# Items and images
+
+def page_items(session: Session, batch: Batch, *, limit: int, base_url: str, cursor: str | None = None,
+               states: Sequence[str] = (), verdicts: Sequence[str] = ()) -> ItemPage:
+    """Items in submission order (seq); a verdict filter keeps items with an image of that verdict."""
+    query = select(Item).where(Item.batch_id == batch.id)
+    if cursor:
+        position = decode_cursor(cursor, "i")
+        if not position.isdigit():
+            raise bad_cursor()
+        query = query.where(Item.seq > int(position))
+    if states:
+        query = query.where(Item.state.in_(states))
+    if verdicts:
+        query = query.where(exists().where(Image.item_id == Item.id, Image.qc_verdict.in_(verdicts)))
+    rows = list(session.scalars(query.order_by(Item.seq).limit(limit + 1)))
+    next_cursor = encode_cursor("i", rows[limit - 1].seq) if len(rows) > limit else None
+    items = rows[:limit]
+    images = _images_of(session, [i.id for i in items])
+    scores = _scores_of(session, [image.id for group in images.values() for image in group])
+    return ItemPage(
+        items=[
+            _item_out(item, [_image_out(image, base_url, scores.get(image.id, {})) for image in images[item.id]])
+            for item in items
+        ],
+        next_cursor=next_cursor,
+    )
+
+
+def item_detail(session: Session, item: Item, batch: Batch, base_url: str) -> ItemDetail:
+    images = _images_of(session, [item.id])[item.id]
+    image_ids = [image.id for image in images]
+    qc = defaultdict(list)
+    for result in session.scalars(select(QcResult).where(QcResult.image_id.in_(image_ids)).order_by(QcResult.id)):
+        qc[result.image_id].append(result)
+    reviews = defaultdict(list)
+    for review in session.scalars(
+        select(Review).where(Review.image_id.in_(image_ids)).order_by(Review.created_at, Review.id)
+    ):
+        reviews[review.image_id].append(review)
+    details = [
+        ImageDetail.model_validate({
+            **_image_out(image, base_url, {r.scorer: r.metrics for r in qc[image.id]}).model_dump(),
+            "qc_results": qc[image.id], "reviews": reviews[image.id], "timings": image.timings,
+        })
+        for image in images
+    ]
+    base = _item_out(item, details).model_dump(exclude={"images"})
+    return ItemDetail.model_validate({**base, "batch_name": batch.name, "team": batch.team, "images": details})
+
+
+def _images_of(session: Session, item_ids: list[str]) -> dict[str, list[Image]]:
+    images: dict[str, list[Image]] = {item_id: [] for item_id in item_ids}
+    if item_ids:
+        query = select(Image).where(Image.item_id.in_(item_ids)).order_by(Image.item_id, Image.index, Image.created_at)
+        for image in session.scalars(query):
+            images[image.item_id].append(image)
+    return images
+
+
+def _scores_of(session: Session, image_ids: list[str]) -> dict[str, dict[str, dict]]:
+    scores: dict[str, dict[str, dict]] = defaultdict(dict)
+    if image_ids:
+        query = select(QcResult.image_id, QcResult.scorer, QcResult.metrics).where(QcResult.image_id.in_(image_ids))
+        for image_id, scorer, metrics in session.execute(query.order_by(QcResult.id)):
+            scores[image_id][scorer] = metrics
+    return scores
+
+
+IMAGE_COLUMNS = (
+    "id", "index", "seed", "width", "height", "sha256", "storage_key", "model_id", "weights_sha256",
+    "parent_image_id", "refine", "qc_verdict", "qc_reasons", "review_status", "created_at",
+)
+ITEM_COLUMNS = (
+    "id", "batch_id", "seq", "external_id", "prompt", "seed", "num_images", "state", "attempts", "error",
+    "created_at", "started_at", "finished_at",
+)
+
+
+def _image_out(image: Image, base_url: str, scores: dict[str, dict]) -> ImageOut:
+    return ImageOut.model_validate({
+        **{column: getattr(image, column) for column in IMAGE_COLUMNS},
+        "url": object_url(image.storage_key, base_url),
+        "scores": scores,
+    })
+
+
+def _item_out(item: Item, images: list[ImageOut]) -> ItemOut:
+    verdicts = [image.qc_verdict for image in images if image.qc_verdict in VERDICT_SEVERITY]
+    worst = max(verdicts, key=lambda v: VERDICT_SEVERITY[v]) if verdicts else None
+    return ItemOut.model_validate({
+        **{column: getattr(item, column) for column in ITEM_COLUMNS}, "verdict": worst, "images": images,
+    })

@@ -1,0 +1,172 @@
+"""Batches: submit (JSON or CSV), list, read, items, cancel, retry."""
+from __future__ import annotations
+
+import re
+from typing import Annotated
+
+from fastapi import APIRouter, BackgroundTasks, Depends, Header, Query, Request, Response
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
+
+from api import queries
+from api.deps import ReaderDep, SessionDep, SubmitterDep, visible_batch
+from api.errors import APIError
+from api.intake import CSV_COLUMNS, CSV_QUERY_FIELDS, parse_batch_request
+from api.metrics import BATCHES_SUBMITTED, ITEMS_SUBMITTED
+from api.publish import publish_outbox
+from api.schemas import BatchCreate, BatchOut, BatchPage, CancelResult, ItemPage, RetryResult
+from core import ledger
+from core.keys import MAX_TEAM_CHARS, Principal
+from core.settings import get_settings
+from models import Batch, ItemState, Verdict
+
+router = APIRouter(prefix="/batches", tags=["batches"])
+
+IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,200}$")  # printable ASCII, no spaces: fits batches.idempotency_key
+ERROR_RESPONSES = {code: {"description": text} for code, text in {
+    400: "malformed JSON or CSV", 401: "no valid API key", 403: "role may not do this",
+    404: "no such batch (or another team's)", 409: "Idempotency-Key reused with another body, or nothing to cancel",
+    413: "body larger than MAX_BODY_BYTES", 415: "neither JSON nor CSV", 422: "invalid fields",
+}.items()}
+BATCH_REQUEST_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": (
+            "The batch as JSON, or a CSV with a header naming some of "
+            f"{', '.join(CSV_COLUMNS)} ('prompt' required); a CSV upload takes the other fields as "
+            f"query parameters: {', '.join(CSV_QUERY_FIELDS)} (name required)."
+        ),
+        "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/BatchCreate"}},
+            "text/csv": {"schema": {"type": "string"},
+                         "example": "prompt,external_id,seed\na red ceramic mug on a white table,sku-1,42\n"},
+        },
+    }
+}
+
+
+async def batch_request(request: Request) -> BatchCreate:
+    """The submitted batch, parsed off the event loop (a 20 MB body takes a moment)."""
+    body = await request.body()
+    return await run_in_threadpool(
+        parse_batch_request, request.headers.get("content-type"), body, request.query_params
+    )
+
+
+def idempotency_key(key: Annotated[str | None, Header(alias="Idempotency-Key")] = None) -> str | None:
+    if key is not None and not IDEMPOTENCY_KEY.match(key):
+        raise APIError(422, "the request is not valid", details=[{
+            "field": "header.Idempotency-Key", "loc": ["header", "Idempotency-Key"],
+            "message": "must be 1 to 200 printable ASCII characters without spaces", "type": "value_error",
+        }])
+    return key
+
+
+@router.post(
+    "", status_code=202, response_model=BatchOut, responses=ERROR_RESPONSES, openapi_extra=BATCH_REQUEST_BODY,
+    summary="Submit a batch (JSON or CSV); 202 when new, 200 when an Idempotency-Key replays it",
+)
+def create_batch(
+    response: Response,
+    background: BackgroundTasks,
+    session: SessionDep,
+    principal: SubmitterDep,
+    batch_in: Annotated[BatchCreate, Depends(batch_request)],
+    key: Annotated[str | None, Depends(idempotency_key)],
+) -> BatchOut:
+    batch, created = submit(session, principal, batch_in, key)
+    response.headers["Location"] = f"/v1/batches/{batch.id}"
+    if created:
+        BATCHES_SUBMITTED.labels(batch.priority).inc()
+        ITEMS_SUBMITTED.inc(batch.total_items)
+        background.add_task(publish_outbox)
+    else:
+        response.status_code = 200
+        response.headers["Idempotency-Replayed"] = "true"
+    return queries.batch_view(session, batch)
+
+
+def submit(session: Session, principal: Principal, batch_in: BatchCreate, key: str | None) -> tuple[Batch, bool]:
+    """Commit the batch; a concurrent twin with the same Idempotency-Key resolves to one batch."""
+    spec = batch_in.to_spec()
+    for attempt in (1, 2):
+        try:
+            batch, created = ledger.submit_batch(
+                session, spec, team=principal.team, actor=principal.actor, submitted_by=principal.key_id,
+                idempotency_key=key, chunk_images=get_settings().chunk_images,
+            )
+            session.commit()
+            return batch, created
+        except ledger.IdempotencyConflict as exc:
+            session.rollback()
+            raise APIError(409, "this Idempotency-Key was used for another request body",
+                           code="idempotency_conflict", details={"batch_id": exc.batch_id}) from None
+        except IntegrityError:
+            # Another request with the same key committed between our lookup and insert: look again.
+            session.rollback()
+            if key is None or attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+@router.get("", response_model=BatchPage, responses=ERROR_RESPONSES, summary="Batches, newest first")
+def list_batches(
+    session: SessionDep,
+    principal: ReaderDep,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    cursor: Annotated[str | None, Query(max_length=200)] = None,
+    team: Annotated[str | None, Query(max_length=MAX_TEAM_CHARS, pattern=r"^[^\x00]+$",
+                                      description="reviewers, auditors, admins: one team only")] = None,
+) -> BatchPage:
+    return queries.page_batches(session, principal, limit=limit, cursor=cursor, team=team)
+
+
+@router.get("/{batch_id}", response_model=BatchOut, responses=ERROR_RESPONSES, summary="One batch")
+def get_batch(batch_id: str, session: SessionDep, principal: ReaderDep) -> BatchOut:
+    return queries.batch_view(session, visible_batch(session, principal, batch_id))
+
+
+@router.get("/{batch_id}/items", response_model=ItemPage, responses=ERROR_RESPONSES,
+            summary="A batch's items in order, with images (time-limited URLs) and QC")
+def list_items(
+    batch_id: str,
+    request: Request,
+    session: SessionDep,
+    principal: ReaderDep,
+    state: Annotated[list[ItemState] | None, Query(description="repeatable")] = None,
+    verdict: Annotated[list[Verdict] | None, Query(description="items with an image of this QC verdict")] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+    cursor: Annotated[str | None, Query(max_length=200)] = None,
+) -> ItemPage:
+    batch = visible_batch(session, principal, batch_id)
+    return queries.page_items(
+        session, batch, limit=limit, cursor=cursor, base_url=str(request.base_url),
+        states=[s.value for s in state or ()], verdicts=[v.value for v in verdict or ()],
+    )
+
+
+@router.post("/{batch_id}/cancel", response_model=CancelResult, responses=ERROR_RESPONSES,
+             summary="Cooperative cancel: queued items stop now, running chunks at their next check")
+def cancel_batch(batch_id: str, session: SessionDep, principal: SubmitterDep) -> CancelResult:
+    batch = visible_batch(session, principal, batch_id, for_update=True)
+    counts = ledger.state_counts(session, [batch.id])[batch.id]
+    if not counts[ItemState.QUEUED] and not counts[ItemState.RUNNING]:
+        if batch.cancel_requested_at is None:
+            raise APIError(409, "the batch has finished: nothing left to cancel", code="batch_finished")
+        return CancelResult(batch=queries.batch_view(session, batch), items_cancelled=0)  # already cancelled
+    cancelled = ledger.cancel_batch(session, batch, actor=principal.actor)
+    session.commit()
+    return CancelResult(batch=queries.batch_view(session, batch), items_cancelled=cancelled)
+
+
+@router.post("/{batch_id}/retry", response_model=RetryResult, responses=ERROR_RESPONSES,
+             summary="Re-queue the failed and dead items with a fresh attempt budget")
+def retry_batch(batch_id: str, background: BackgroundTasks, session: SessionDep,
+                principal: SubmitterDep) -> RetryResult:
+    batch = visible_batch(session, principal, batch_id, for_update=True)
+    requeued = ledger.retry_batch(session, batch, actor=principal.actor, chunk_images=get_settings().chunk_images)
+    session.commit()
+    if requeued:
+        background.add_task(publish_outbox)
+    return RetryResult(batch=queries.batch_view(session, batch), items_requeued=requeued)

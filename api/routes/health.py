@@ -1,0 +1,93 @@
+"""Liveness, readiness (database, broker, storage) and Prometheus metrics; no key needed."""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, wait
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import func, select, text
+
+from api.errors import error_response
+from api.metrics import ITEMS_BY_STATE, REGISTRY
+from core.broker import get_celery
+from core.db import get_engine, session_factory
+from core.storage import get_store
+from models import Item, ItemState
+
+log = logging.getLogger(__name__)
+router = APIRouter(tags=["health"])
+
+CHECK_TIMEOUT_S = 5.0
+# Checks run in threads of their own: a hung dependency (boto3 retrying a dead endpoint) must not
+# hang the probe past its timeout, and a thread left behind is reused rather than piling up.
+_checks_pool = ThreadPoolExecutor(max_workers=6, thread_name_prefix="readyz")
+
+
+@router.get("/healthz", summary="Liveness: the process answers")
+def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+def check_database() -> None:
+    with get_engine().connect() as connection:
+        connection.execute(text("SELECT 1"))
+
+
+def check_broker() -> None:
+    with get_celery().connection_for_write() as connection:
+        connection.ensure_connection(max_retries=1, interval_start=0, interval_step=0.2, interval_max=0.2,
+                                     timeout=CHECK_TIMEOUT_S)
+
+
+def check_storage() -> None:
+    get_store().check()
+
+
+READINESS_CHECKS: dict[str, Callable[[], None]] = {
+    "database": check_database, "broker": check_broker, "storage": check_storage,
+}
+
+
+def run_checks(checks: dict[str, Callable[[], None]], timeout: float = CHECK_TIMEOUT_S) -> dict[str, dict]:
+    futures = {name: _checks_pool.submit(check) for name, check in checks.items()}
+    wait(futures.values(), timeout=timeout)
+    results: dict[str, dict] = {}
+    for name, future in futures.items():
+        if not future.done():
+            results[name] = {"ok": False, "error": f"no answer within {timeout:g}s"}
+        elif future.exception() is not None:
+            error = future.exception()
+            results[name] = {"ok": False, "error": f"{type(error).__name__}: {error}"[:300]}
+        else:
+            results[name] = {"ok": True}
+    return results
+
+
+@router.get("/readyz", summary="Readiness: database, broker and storage each answer; 503 names the failed ones")
+def readyz() -> JSONResponse:
+    results = run_checks(READINESS_CHECKS)
+    failed = [name for name, result in results.items() if not result["ok"]]
+    if failed:
+        log.warning("not ready: %s", results)
+        return error_response(503, "not_ready", f"not ready: {', '.join(failed)}",
+                              {"failed": failed, "checks": results})
+    return JSONResponse({"status": "ok", "checks": results})
+
+
+@router.get("/metrics", response_class=Response, summary="Prometheus metrics")
+def metrics() -> Response:
+    try:
+        refresh_item_gauge()
+    except Exception as exc:  # noqa: BLE001 - the request metrics still serve when the database is down
+        log.warning("items gauge not refreshed: %s", exc)
+    return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+
+def refresh_item_gauge() -> None:
+    with session_factory(get_engine())() as session:
+        counts = {state: n for state, n in session.execute(select(Item.state, func.count()).group_by(Item.state))}
+    for state in ItemState:
+        ITEMS_BY_STATE.labels(state.value).set(counts.get(state.value, 0))

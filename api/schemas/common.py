@@ -1,0 +1,44 @@
+"""Building blocks of the request and response models."""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, ConfigDict
+
+
+class RequestModel(BaseModel):
+    """A request body part: unknown fields are errors, and JSON types are not coerced ("5" is no int)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class ResponseModel(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+
+def storable_text(value: str) -> str:
+    """Text that PostgreSQL can store: no NUL character, no lone UTF-16 surrogate."""
+    if "\x00" in value:
+        raise ValueError("must not contain the NUL character")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode (lone surrogate)") from None
+    return value
+
+
+def stripped(value: str) -> str:
+    return value.strip()
+
+
+def as_utc(value: datetime | None) -> datetime | None:
+    # SQLite gives naive datetimes (stored as UTC), PostgreSQL aware ones: answer UTC for both.
+    if value is None:
+        return None
+    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+
+
+Text = Annotated[str, AfterValidator(storable_text)]
+StrippedText = Annotated[str, AfterValidator(storable_text), AfterValidator(stripped)]
+UtcDatetime = Annotated[datetime, AfterValidator(as_utc)]
