@@ -39,7 +39,9 @@ class QcSettings(BaseSettings):
     # --- pixel statistics (luma in [0, 1]) ---------------------------------
     black_p99_max: float = Field(0.04, description="black: 99th-percentile luma at or below this")
     blank_std_max: float = Field(0.006, description="blank: luma standard deviation below this")
-    blank_entropy_max: float = Field(0.5, description="blank: 64-bin luma entropy (bits) below this")
+    blank_entropy_max: float = Field(
+        0.15, description="blank: 64-bin luma entropy (bits) below this (about 98% of pixels in one bin)"
+    )
     underexposed_mean_max: float = Field(0.10, description="underexposed: mean luma below this")
     overexposed_mean_min: float = Field(0.95, description="overexposed: mean luma above this")
     clipped_fraction_max: float = Field(

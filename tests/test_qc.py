@@ -79,6 +79,13 @@ def test_a_good_product_shot_passes(checker, size):
     assert outcome.result("sharpness").metrics["upscaled"] is (size < 256)
 
 
+def test_a_product_on_pure_white_is_neither_blank_nor_overexposed(checker):
+    # the e-commerce standard: most pixels clipped to white, one product
+    outcome = check_one(checker, product_image(colour=(30, 70, 205), backdrop=(255, 255, 255), size=512))
+    assert outcome.verdict == "pass", outcome.to_dict()
+    assert outcome.result("exposure").metrics["clipped_high"] > 0.5
+
+
 def test_renders_of_the_tiny_model_pass(checker):
     render = pytest.importorskip("instaflow.tiny.render")
     prompts = pytest.importorskip("instaflow.tiny.prompts")
