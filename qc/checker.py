@@ -79,6 +79,8 @@ class QualityChecker:
         ``known_hashes``: pHashes of the batch's earlier images, as ints or a
         mapping hash -> reference (image id); a match names that reference.
         """
+        if nsfw_flags is not None and len(nsfw_flags) != len(images):
+            raise ValueError(f"{len(images)} images but {len(nsfw_flags)} nsfw flags")
         batch = ScoringBatch(
             views=[ImageView(image, self.settings.sharpness_size) for image in images],
             prompts=prompts_or_none(prompts, len(images)),

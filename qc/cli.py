@@ -105,7 +105,8 @@ def calibrate(
     NSFW are absolute failures and keep their fixed thresholds.
     """
     settings = settings or QcSettings()
-    outcomes = [rejudge(_as_outcome(row), settings) for row in metric_rows]
+    scored = [row for row in metric_rows if isinstance(row, QcOutcome) or "results" in row or "metrics" in row]
+    outcomes = [rejudge(_as_outcome(row), settings) for row in scored]
     columns: dict[str, list[float]] = {}
     for outcome in outcomes:
         flat: dict[str, float] = {}

@@ -23,10 +23,7 @@ class PipelineSafetyScorer(Scorer):
         return batch.nsfw_flags is not None
 
     def score(self, batch: ScoringBatch) -> list[Metrics]:
-        flags = batch.nsfw_flags or []
-        if len(flags) != len(batch):
-            raise ValueError(f"{len(batch)} images but {len(flags)} nsfw flags")
-        return [{"nsfw_flag": None if flag is None else bool(flag)} for flag in flags]
+        return [{"nsfw_flag": None if flag is None else bool(flag)} for flag in batch.nsfw_flags or []]
 
 
 _classifier_lock = threading.Lock()

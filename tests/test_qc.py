@@ -195,6 +195,8 @@ def test_the_pipeline_nsfw_flag_rejects_and_explains_the_black_image(checker):
 
 def test_no_nsfw_flags_means_no_safety_record(checker):
     assert check_one(checker, product_image()).result("pipeline_safety") is None
+    with pytest.raises(ValueError, match="nsfw flags"):
+        checker.check([product_image()], nsfw_flags=[False, True])
 
 
 # --- records and re-judging -------------------------------------------------------------
@@ -434,7 +436,8 @@ def test_phash_is_stable_and_round_trips_as_hex():
     assert hamming(value, value) == (0, 0)
     assert find_duplicate(value, {value: "a"}).ref == "a"
     far = phash(product_image(colour=(30, 70, 205), x=0.25, shape="bottle"))
-    assert find_duplicate(far, HashIndex({value: "a"})._hashes) is None
+    assert find_duplicate(far, [value]) is None
+    assert HashIndex({value: "a"}).nearest(far).distance > 4
 
 
 def test_score_files_prints_one_row_per_image(tmp_path):
@@ -449,6 +452,7 @@ def test_score_files_prints_one_row_per_image(tmp_path):
     assert "error" in rows[3]
     assert rows[0]["metrics"]["sharpness"]["native_size"] == "64x64"
     json.dumps(rows, allow_nan=False)
+    assert calibrate(rows)["images"] == 3  # the unreadable file is left out
 
 
 def test_calibrate_reports_distributions_and_suggests_thresholds(checker):
