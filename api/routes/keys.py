@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Depends, Query
 
-from api.deps import AdminDep, SessionDep
+from api.deps import AdminDep, SessionDep, require_json_body
 from api.errors import APIError, not_found
 from api.schemas import KeyCreate, KeyCreated, KeyOut
 from core import keys
@@ -13,7 +13,8 @@ from core import keys
 router = APIRouter(prefix="/keys", tags=["keys"])
 
 
-@router.post("", status_code=201, response_model=KeyCreated, summary="Create a key; the response shows it once")
+@router.post("", status_code=201, response_model=KeyCreated, dependencies=[Depends(require_json_body)],
+             summary="Create a key; the response shows it once")
 def create_key(body: KeyCreate, session: SessionDep, principal: AdminDep) -> KeyCreated:
     try:
         key, plaintext = keys.create_key(session, body.name, body.role, body.team, actor=principal.actor)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from api.schemas.common import RequestModel, ResponseModel, StrippedText, UtcDatetime
 from core.keys import MAX_NAME_CHARS, MAX_TEAM_CHARS
@@ -16,6 +16,13 @@ class KeyCreate(RequestModel):
     name: StrippedText = Field(min_length=1, max_length=MAX_NAME_CHARS)
     role: RoleName
     team: StrippedText = Field(min_length=1, max_length=MAX_TEAM_CHARS)
+
+    @field_validator("name", "team")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value:
+            raise ValueError("must not be blank")
+        return value
 
 
 class KeyOut(ResponseModel):

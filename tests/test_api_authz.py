@@ -1,0 +1,109 @@
+"""Authorization matrix: every route × every principal → the expected status, from one table.
+
+Principals: no key, a revoked key, a submitter of the batch's team, a submitter of another team,
+a reviewer, an auditor, an admin. A route in the OpenAPI schema that is missing from the table
+fails ``test_every_route_is_in_the_matrix``: a new router must add its rows here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from api.main import create_app
+from api.signing import signed_object_path
+from api.testing import ApiHarness, sample_batch
+from core import keys
+from core.db import session_scope
+from core.storage import get_store
+
+PRINCIPALS = ("none", "revoked", "submitter", "other_team", "reviewer", "auditor", "admin")
+
+
+def expect(default: int | None = None, **by_principal: int) -> dict[str, int]:
+    """Statuses per principal; without a key (none, revoked) it is 401 unless given."""
+    statuses = {"none": 401, "revoked": 401}
+    statuses.update({p: default for p in PRINCIPALS if p not in statuses and default is not None})
+    statuses.update(by_principal)
+    assert set(statuses) == set(PRINCIPALS), f"incomplete row: {statuses}"
+    return statuses
+
+
+@dataclass(frozen=True)
+class Row:
+    method: str
+    path: str  # OpenAPI template; {batch_id}, {item_id}, {key_id}, {key} are filled in per row
+    statuses: dict[str, int]
+    body: dict[str, Any] | None = field(default=None, hash=False)
+
+
+# Submitters act on their own team's batches; reviewers and auditors read every team's;
+# admins do everything; another team's batch is 404, not 403.
+READ = expect(200, other_team=404)
+SUBMIT_ONLY = expect(403, submitter=200, other_team=404, admin=200)
+ANYONE = expect(200, none=200, revoked=200)
+
+MATRIX: list[Row] = [
+    Row("GET", "/healthz", ANYONE),
+    Row("GET", "/readyz", ANYONE),
+    Row("GET", "/metrics", ANYONE),
+    Row("POST", "/v1/batches", expect(403, submitter=202, other_team=202, admin=202), body=sample_batch(1)),
+    Row("GET", "/v1/batches", expect(200)),
+    Row("GET", "/v1/batches/{batch_id}", READ),
+    Row("GET", "/v1/batches/{batch_id}/items", READ),
+    Row("POST", "/v1/batches/{batch_id}/cancel", SUBMIT_ONLY),
+    Row("POST", "/v1/batches/{batch_id}/retry", SUBMIT_ONLY),
+    Row("GET", "/v1/items/{item_id}", READ),
+    # The signed URL is the credential: an <img> tag sends no Authorization header.
+    Row("GET", "/v1/objects/{key}", ANYONE),
+    Row("POST", "/v1/keys", expect(403, admin=201), body={"name": "new", "role": "reviewer", "team": "qa"}),
+    Row("GET", "/v1/keys", expect(403, admin=200)),
+    Row("GET", "/v1/audit/events", expect(403, auditor=200, admin=200)),
+    Row("GET", "/v1/audit/verify", expect(403, auditor=200, admin=200)),
+    Row("POST", "/v1/keys/{key_id}/revoke", expect(403, admin=200)),
+]
+
+
+@pytest.fixture
+def harness(configure, sqlite_url, redis_url) -> ApiHarness:
+    configure(DATABASE_URL=sqlite_url, BROKER_URL=redis_url)
+    return ApiHarness.start()
+
+
+def test_every_route_is_in_the_matrix():
+    schema = create_app().openapi()
+    routes = {(method.upper(), path) for path, operations in schema["paths"].items() for method in operations}
+    covered = {(row.method, row.path) for row in MATRIX}
+    assert routes - covered == set(), "routes missing from the authorization matrix"
+    assert covered - routes == set(), "matrix rows for routes that no longer exist"
+
+
+@pytest.mark.parametrize("row", MATRIX, ids=lambda row: f"{row.method} {row.path}")
+def test_authorization(harness, row):
+    url = fill(row.path, resources(harness))
+    got = {}
+    for principal in PRINCIPALS:
+        who = {"none": None}.get(principal, principal)
+        response = harness.request(who, row.method, url, json=row.body)
+        got[principal] = response.status_code
+        if response.status_code >= 400:
+            assert set(response.json()) == {"error"}, response.text
+    assert got == row.statuses
+
+
+def resources(harness: ApiHarness) -> dict[str, str]:
+    """A fresh batch of the submitter's team (with an item and a stored object) and a throwaway key."""
+    batch = harness.submit(body=sample_batch(2))
+    item_id = harness.get("submitter", f"/v1/batches/{batch['id']}/items").json()["items"][0]["id"]
+    object_key = f"test/{batch['id']}/0.png"
+    get_store().put(object_key, b"\x89PNG fake bytes", {"item_id": item_id})
+    with session_scope() as session:
+        key, _ = keys.create_key(session, "throwaway", "submitter", harness.team, actor="test")
+    return {"batch_id": batch["id"], "item_id": item_id, "key_id": key.id, "object_key": object_key}
+
+
+def fill(template: str, ids: dict[str, str]) -> str:
+    if template == "/v1/objects/{key}":
+        return signed_object_path(ids["object_key"])
+    return template.format(**{name: ids[name] for name in ("batch_id", "item_id", "key_id") if name in template})
