@@ -11,7 +11,7 @@ import csv
 import io
 import json
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -132,4 +132,4 @@ def record_export(session: Session, *, actor: str, fmt: str, event_filter: Event
     event = audit.record(session, audit.Action.AUDIT_EXPORTED, actor=actor,
                          payload={"format": fmt, "filters": event_filter.described()})
     session.flush()
-    return EventFilter(**{**asdict(event_filter), "through_seq": event.seq})
+    return replace(event_filter, through_seq=event.seq)

@@ -20,11 +20,14 @@ recent hashes (to recognise where a moved row came from) and at most ``MAX_PROBL
 """
 from __future__ import annotations
 
+import json
 import time
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
+from types import SimpleNamespace
 from typing import Any
 
 from sqlalchemy import Connection, Engine, select
@@ -91,9 +94,12 @@ class _Link:
 
 
 class ChainWalker:
-    """Feed rows in seq order (``feed``), then ``finish``. Reusable for a segment after an anchor."""
+    """Feed rows in seq order (``feed``), then ``finish``. Reusable for a segment after an anchor.
 
-    def __init__(self, head_seq: int, head_hash: str, anchors: Mapping[int, str] | None = None,
+    ``head_seq=None``: the head is unknown (an exported file), so its last event is taken as the head.
+    """
+
+    def __init__(self, head_seq: int | None, head_hash: str | None, anchors: Mapping[int, str] | None = None,
                  *, start_seq: int = 0, start_hash: str = GENESIS_HASH):
         self.head_seq, self.head_hash = head_seq, head_hash
         self.anchors = dict(anchors or {})
@@ -131,7 +137,7 @@ class ChainWalker:
         self.events += 1
         prev = self._prev
         recorded = self._recorded_seq(row)
-        if (recorded if recorded is not None else row.seq) > self.head_seq:
+        if self.head_seq is not None and (recorded if recorded is not None else row.seq) > self.head_seq:
             self._add(Problem(row.seq, "inserted", f"after the chain head (seq {self.head_seq}): "
                                                    "not written through the chain head"))
             return
@@ -205,7 +211,7 @@ class ChainWalker:
 
     def _check_tail(self) -> None:
         last = self._prev
-        if last.recorded_seq == self.head_seq and last.hash == self.head_hash:
+        if self.head_seq is None or (last.recorded_seq == self.head_seq and last.hash == self.head_hash):
             return
         if last.recorded_seq < self.head_seq:
             first = last.recorded_seq + 1
@@ -272,6 +278,21 @@ def stream_rows(conn: Connection, after_seq: int | None = None, through_seq: int
     if through_seq is not None:
         query = query.where(AuditEvent.seq <= through_seq)
     return conn.execution_options(yield_per=STREAM_ROWS).execute(query)
+
+
+def verify_export(lines: Iterable[str | bytes], anchors: Mapping[int, str] | None = None) -> VerifyResult:
+    """Verify a complete JSON Lines export (no filters) on its own, without access to the ledger.
+
+    It proves the file is one unbroken chain from the genesis hash to its last event, and matches
+    the given anchors; it cannot tell whether events after the export's end are missing.
+    """
+    walker = ChainWalker(None, None, anchors)
+    for line in lines:
+        if line.strip():
+            event = json.loads(line)
+            event["ts"] = datetime.fromisoformat(event["ts"])
+            walker.feed(SimpleNamespace(**event))  # type: ignore[arg-type]
+    return walker.finish()
 
 
 def verify_chain(engine: Engine, anchors: Mapping[int, str] | None = None) -> VerifyResult:
