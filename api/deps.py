@@ -18,7 +18,7 @@ from api.errors import APIError, not_found
 from core import keys
 from core.db import get_engine, session_factory
 from core.keys import Principal
-from models import Batch, Item, Role
+from models import Batch, Image, Item, Role
 
 ALL_ROLES = tuple(Role)
 UUID_PATTERN = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
@@ -113,6 +113,15 @@ def visible_batch(session: Session, principal: Principal, batch_id: str, *, for_
     if batch is None or not principal.can_see_team(batch.team):
         raise not_found("batch")
     return batch
+
+
+def visible_image(session: Session, principal: Principal, image_id: str) -> tuple[Image, Batch]:
+    if not looks_like_id(image_id):
+        raise not_found("image")
+    row = session.execute(select(Image, Batch).join(Batch, Batch.id == Image.batch_id).where(Image.id == image_id)).first()
+    if row is None or not principal.can_see_team(row.Batch.team):
+        raise not_found("image")
+    return row.Image, row.Batch
 
 
 def visible_item(session: Session, principal: Principal, item_id: str) -> tuple[Item, Batch]:

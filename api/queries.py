@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import base64
+import re
 import binascii
 from collections import defaultdict
 from collections.abc import Sequence
@@ -116,7 +117,7 @@ def page_items(session: Session, batch: Batch, *, limit: int, base_url: str, cur
     query = select(Item).where(Item.batch_id == batch.id)
     if cursor:
         position = decode_cursor(cursor, "i")
-        if not position.isdigit():
+        if not re.fullmatch(r"[0-9]{1,12}", position):
             raise bad_cursor()
         query = query.where(Item.seq > int(position))
     if states:

@@ -219,6 +219,7 @@ def bad_bodies() -> list[tuple[str, object, int, str]]:
         ("bad priority", {**good, "priority": "urgent"}, 422, "body.priority"),
         ("ftp webhook", {**good, "webhook_url": "ftp://example.com/hook"}, 422, "body.webhook_url"),
         ("missing name", {"items": good["items"]}, 422, "body.name"),
+        ("name too long", {**good, "name": "n" * 201}, 422, "body.name"),
         ("body is a list", [good], 422, "body"),
     ]
 
@@ -242,6 +243,13 @@ BAD_RAW = [
     ("NaN is not JSON", b'{"name": "x", "items": [{"prompt": "a"}], "params": {"guidance_scale": NaN}}',
      "application/json", 400, "bad_json"),
     ("empty JSON body", b"", "application/json", 400, "bad_json"),
+    ("JSON nested too deep", b"[" * 100_000, "application/json", 400, "bad_json"),
+    ("integer with 5000 digits", b'{"name": "x", "items": [{"prompt": "a", "seed": ' + b"9" * 5000 + b"}]}",
+     "application/json", 400, "bad_json"),
+    ("lone surrogate in prompt", b'{"name": "x", "items": [{"prompt": "a mug \\ud800"}]}', "application/json",
+     422, "validation_error"),
+    ("infinite guidance", b'{"name": "x", "items": [{"prompt": "a"}], "params": {"guidance_scale": 1e400}}',
+     "application/json", 422, "validation_error"),
     ("not UTF-8 JSON", b'{"name": "\xff"}', "application/json", 400, "bad_json"),
     ("plain text", b"a red mug", "text/plain", 415, "unsupported_media_type"),
     ("form upload", b"name=x", "application/x-www-form-urlencoded", 415, "unsupported_media_type"),
