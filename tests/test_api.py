@@ -416,3 +416,16 @@ def test_metrics_count_submissions_and_items_by_state(api):
 def test_the_api_never_imports_torch():
     code = "import sys, api.main; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, check=True)
+
+
+def test_refine_params_match_the_engines():
+    """api.schemas.RefineParams mirrors instaflow.refine.RefineParams (which the API cannot import)."""
+    from api.schemas import RefineParams
+    from instaflow.refine import RefineParams as EngineRefineParams
+
+    def fields(model) -> dict:
+        properties = model.model_json_schema()["properties"]
+        return {name: {k: v for k, v in spec.items() if k not in ("title", "description")}
+                for name, spec in properties.items()}
+
+    assert fields(RefineParams) == fields(EngineRefineParams)
