@@ -51,14 +51,14 @@ def create_app(settings: Settings | None = None) -> Celery:
     ctx = WorkerContext(settings, celery=app)
     app.instabatch = ctx  # type: ignore[attr-defined]
 
-    @app.task(name=GENERATE_TASK, bind=True, ignore_result=True)
+    @app.task(name=GENERATE_TASK, bind=True, ignore_result=True, shared=False)
     def generate_chunk(task: Any, item_ids: list[str]) -> dict[str, Any]:
         """Claim, generate, store, check and record a chunk of items; idempotent under redelivery."""
         report = ChunkRunner(ctx, task.request.id or "local").run(item_ids)
         log.info("chunk done: %s", report.as_dict())
         return report.as_dict()
 
-    @app.task(name=SWEEP_TASK, ignore_result=True)
+    @app.task(name=SWEEP_TASK, ignore_result=True, shared=False)
     def sweep_expired() -> dict[str, int]:
         report = sweep(ctx.sessions, app, settings)
         return {"requeued": len(report.requeued), "dead": len(report.dead), "dispatched": report.dispatched}

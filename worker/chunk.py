@@ -34,6 +34,7 @@ from worker.version import code_version
 
 log = logging.getLogger(__name__)
 ERROR_CHARS = 2000
+PHASH_COLUMN_CHARS = Image.__table__.c.phash.type.length or 1 << 16
 
 
 @dataclass
@@ -311,6 +312,8 @@ class ChunkRunner:
         verdict = outcome.verdict if outcome is not None else ("review" if self.ctx.quality_checker else None)
         reasons = list(outcome.reasons) if outcome is not None else (["qc_error"] if verdict else None)
         phash = outcome.to_dict()["phash"] if outcome is not None else None
+        if phash is not None and len(phash) > PHASH_COLUMN_CHARS:
+            phash = None  # a wider hash than the column holds; it stays in the duplicate scorer's metrics
         rendered = image.rendered
         session.add(Image(
             id=image.id, item_id=image.item.id, batch_id=batch.id, index=rendered.index, seed=rendered.seed,

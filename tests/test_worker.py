@@ -1,0 +1,191 @@
+"""The worker on real parts: Celery workers consuming Redis (or the embedded SQLite broker), the ledger
+on PostgreSQL (or SQLite), images in S3 through a moto server (or the local store), the real engine
+on a tiny random checkpoint."""
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pytest
+import redis
+from sqlalchemy import func, select
+
+from core import ledger
+from core.broker import GENERATE_TASK
+from core.provenance import read_png_provenance
+from models import Batch, Image, Outbox, QcResult
+from tests.workerkit import Stack, build_stack, running_worker
+from worker.engine import Engine
+
+PROMPTS = ["a red mug on a white table", "a blue sneaker, studio light", "a green bottle",
+           "a yellow lamp", "a black backpack"]
+
+
+@pytest.fixture
+def embedded(configure, random_checkpoint) -> Stack:
+    """SQLite ledger, SQLite-backed broker, local object folder."""
+    return build_stack(configure, INSTABATCH_MODEL=str(random_checkpoint))
+
+
+@pytest.fixture
+def real(configure, random_checkpoint, pg_url, redis_url, s3_server, s3_bucket) -> Stack:
+    """PostgreSQL ledger, Redis broker, S3 (moto over HTTP)."""
+    redis.Redis.from_url(redis_url).flushdb()
+    return build_stack(configure, INSTABATCH_MODEL=str(random_checkpoint), DATABASE_URL=pg_url,
+                       BROKER_URL=redis_url, S3_BUCKET=s3_bucket, S3_ENDPOINT_URL=s3_server)
+
+
+@pytest.fixture(params=["embedded", "real"])
+def stack(request) -> Stack:
+    return request.getfixturevalue(request.param)
+
+
+def test_a_small_batch_ends_with_every_image_stored_checked_and_recorded(stack: Stack):
+    items = [ledger.ItemSpec(prompt=p, external_id=f"sku-{i}", seed=100 + i, num_images=1 + i % 2)
+             for i, p in enumerate(PROMPTS)]
+    with running_worker(stack):
+        batch_id = stack.submit(items, params={"width": 64, "height": 64})
+        counts = stack.wait_until_done(batch_id)
+
+    assert counts["succeeded"] == len(PROMPTS) and sum(counts.values()) == len(PROMPTS)
+    images = stack.images(batch_id)
+    assert len(images) == sum(i.num_images for i in items) == 7
+    assert len({image.storage_key for image in images}) == len(images)
+    by_item = {item.id: item for item in stack.items(batch_id)}
+    for image in images:
+        item = by_item[image.item_id]
+        data = stack.store.get(image.storage_key)
+        assert hashlib.sha256(data).hexdigest() == image.sha256
+        assert image.storage_key == f"batches/{batch_id}/{item.seq:06d}-{item.id}/{image.index}.png"
+        assert image.seed == item.seed + image.index
+        chunks = read_png_provenance(data)
+        assert chunks["item_id"] == item.id and chunks["batch_id"] == batch_id
+        assert chunks["prompt"] == item.prompt and int(chunks["seed"]) == image.seed
+        assert chunks["model"] == image.model_id and chunks["weights_sha256"] == image.weights_sha256
+        assert json.loads(chunks["params"])["width"] == 64
+        metadata = stack.store.head(image.storage_key)
+        assert metadata["item_id"] == item.id and metadata["seed"] == str(image.seed)
+        assert metadata["weights_sha256"] == image.weights_sha256
+        assert image.qc_verdict in ("pass", "review", "reject")
+        assert set(image.timings) >= {"generate", "encode", "store", "qc"}
+
+    with stack.sessions() as session:
+        qc_rows = session.scalar(select(func.count()).select_from(QcResult)
+                                 .join(Image, Image.id == QcResult.image_id).where(Image.batch_id == batch_id))
+    assert qc_rows >= len(images)
+    generated = stack.events(batch_id, "item.generated")
+    assert len(generated) == len(PROMPTS)
+    payload = generated[0].payload
+    assert {"model", "weights_sha256", "code_version", "seed", "params", "worker", "duration_s", "sha256"} <= set(payload)
+    assert len(stack.events(batch_id, "qc.verdict")) == len(images)
+    assert len(stack.events(batch_id, "batch.completed")) == 1
+    assert stack.events(batch_id, "batch.completed")[0].payload["status"] == "succeeded"
+    assert stack.batch(batch_id).finished_at is not None
+
+
+def test_a_duplicate_delivery_generates_nothing_twice(real: Stack):
+    batch_id = real.submit(PROMPTS, chunk_images=2)
+    with real.sessions() as session:
+        chunks = session.scalars(select(Outbox.item_ids).where(Outbox.batch_id == batch_id)).all()
+    for item_ids in chunks:  # every chunk delivered a second time, as a relay that crashed before marking would
+        real.app.send_task(GENERATE_TASK, args=[item_ids], queue="generate")
+    with running_worker(real):
+        real.wait_until_done(batch_id)
+        # and once more after the batch is done: the worker must find nothing to claim
+        real.app.send_task(GENERATE_TASK, args=[chunks[0]], queue="generate")
+        marker = real.submit(["a marker batch"])  # queued behind it: once done, the extra chunk was consumed
+        real.wait_until_done(marker)
+
+    assert real.counts(batch_id)["succeeded"] == len(PROMPTS)
+    assert all(item.attempts == 1 for item in real.items(batch_id))
+    assert len(real.images(batch_id)) == len(PROMPTS)
+    assert len(real.events(batch_id, "item.generated")) == len(PROMPTS)
+    assert len(real.store.list_keys(f"batches/{batch_id}/")) == len(PROMPTS)
+
+
+def test_a_poison_item_fails_alone_while_the_rest_succeeds(real: Stack, monkeypatch):
+    original = Engine.generate
+
+    def generate(self, prompts, seeds, params):
+        if any("POISON" in prompt for prompt in prompts):
+            raise RuntimeError("the engine choked on this prompt")
+        return original(self, prompts, seeds, params)
+
+    monkeypatch.setattr(Engine, "generate", generate)
+    prompts = PROMPTS[:2] + ["a POISON pill"] + PROMPTS[2:]
+    with running_worker(real):
+        batch_id = real.submit(prompts, chunk_images=4)
+        counts = real.wait_until_done(batch_id)
+
+    assert counts["succeeded"] == len(prompts) - 1 and counts["failed"] == 1
+    failed = [item for item in real.items(batch_id) if item.state == "failed"]
+    assert failed[0].prompt == "a POISON pill"
+    assert "RuntimeError: the engine choked on this prompt" in failed[0].error
+    assert real.events(batch_id, "batch.completed")[0].payload["status"] == "completed_with_errors"
+
+
+def test_a_blocked_prompt_fails_with_its_reason_before_generation(embedded: Stack, monkeypatch):
+    pytest.importorskip("qc.screening")
+    calls: list[list[str]] = []
+    original = Engine.generate
+    monkeypatch.setattr(Engine, "generate", lambda self, p, s, params: calls.append(list(p)) or original(self, p, s, params))
+    with running_worker(embedded):
+        batch_id = embedded.submit(["a red mug", "a gore scene with a mug"])
+        counts = embedded.wait_until_done(batch_id)
+    assert counts["succeeded"] == 1 and counts["failed"] == 1
+    blocked = [item for item in embedded.items(batch_id) if item.state == "failed"][0]
+    assert "blocked" in blocked.error and "gore" in blocked.error
+    assert all("gore" not in prompt for batch in calls for prompt in batch)
+    assert len(embedded.events(batch_id, "item.blocked")) == 1
+
+
+def test_cancel_stops_a_running_chunk_between_micro_batches(embedded: Stack, monkeypatch):
+    original = Engine.generate
+    batch_ids: list[str] = []
+
+    def generate_then_cancel(self, prompts, seeds, params):
+        out = original(self, prompts, seeds, params)
+        with embedded.sessions() as session:  # the user cancels while the first micro-batch runs
+            batch = session.get(Batch, batch_ids[0])
+            ledger.cancel_batch(session, batch, actor="test")
+            session.commit()
+        return out
+
+    monkeypatch.setattr(Engine, "generate", generate_then_cancel)
+    embedded.settings.micro_batch = 1  # one image per pass: a cancel check before each
+    batch_ids.append(embedded.submit(PROMPTS, chunk_images=len(PROMPTS)))
+    with running_worker(embedded):
+        counts = embedded.wait_until_done(batch_ids[0])
+
+    assert counts["succeeded"] == 1 and counts["cancelled"] == len(PROMPTS) - 1
+    assert len(embedded.images(batch_ids[0])) == 1
+    completed = embedded.events(batch_ids[0], "batch.completed")
+    assert completed[0].payload["status"] == "cancelled"
+
+
+def test_the_webhook_hears_about_completion_and_a_dead_receiver_fails_nothing(embedded: Stack):
+    received: list[dict] = []
+
+    class Receiver(BaseHTTPRequestHandler):
+        def do_POST(self):
+            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with running_worker(embedded):
+            heard = embedded.submit(PROMPTS[:2], webhook_url=f"http://127.0.0.1:{server.server_port}/hook")
+            unheard = embedded.submit(PROMPTS[:1], webhook_url="http://127.0.0.1:9/nobody-listens")
+            embedded.wait_until_done(heard)
+            assert embedded.wait_until_done(unheard)["succeeded"] == 1
+    finally:
+        server.shutdown()
+    assert [message["batch_id"] for message in received] == [heard]
+    assert received[0]["status"] == "succeeded" and received[0]["counts"]["succeeded"] == 2
