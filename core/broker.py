@@ -32,16 +32,22 @@ def make_celery(settings: Settings) -> Celery:
         worker_prefetch_multiplier=1,
         task_soft_time_limit=settings.task_soft_time_limit,
         task_time_limit=settings.task_time_limit,
-        broker_transport_options={
-            "visibility_timeout": settings.visibility_timeout,
-            "polling_interval": 0.5,  # SQLAlchemy (embedded) transport polls the table
-        },
+        broker_transport_options=transport_options(settings.broker_url, settings.visibility_timeout),
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
         task_send_sent_event=False,
     )
     return app
+
+
+def transport_options(broker_url: str, visibility_timeout: int) -> dict[str, object]:
+    if broker_url.startswith("sqla+"):
+        # kombu's SQLAlchemy transport hands every option to create_engine(), which refuses
+        # Redis's; it has no visibility timeout either: a message taken by a worker that dies
+        # stays taken, and the ledger's lease plus the sweeper bring its items back.
+        return {}
+    return {"visibility_timeout": visibility_timeout}
 
 
 @lru_cache(maxsize=4)

@@ -392,8 +392,6 @@ def test_broker_down_readyz_503_and_submissions_still_accepted(configure, ledger
     assert "instabatch_outbox_publish_failures_total" in api.client.get("/metrics").text
 
 
-@pytest.mark.xfail(reason="core/broker.py gives kombu's SQLAlchemy transport the Redis transport options, "
-                          "which it passes to create_engine(); fix there, then drop this marker")
 def test_embedded_broker_receives_the_chunks(configure, sqlite_url, tmp_path):
     configure(DATABASE_URL=sqlite_url, BROKER_URL=f"sqla+sqlite:///{tmp_path / 'broker.db'}")
     api = ApiHarness.start()
