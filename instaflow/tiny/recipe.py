@@ -1,0 +1,396 @@
+"""The tiny model's training recipe, InstaFlow's pipeline at small scale, stage by stage.
+
+    judge -> data -> vae -> latents -> teacher (1-RF + text encoder)
+          -> reflow_pairs (teacher ODE + CFG) -> rf2 (2-rectified flow)
+          -> rf2_pairs (2-RF ODE) -> distill (one step, from 2-RF)
+          -> direct (the ablation: one step distilled straight from the teacher's pairs)
+
+Every stage writes its outputs under the run folder and then a `done.json` marker, so a
+run that stops is resumed by running the same command again: finished stages are skipped.
+Seeded: stage k uses seed * 100 + k.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from instaflow.tiny import flow
+from instaflow.tiny.judge import train_judge
+from instaflow.tiny.models import load_folder, make_unet, make_vae, n_params, save_pipeline_folder
+from instaflow.tiny.prompts import TRAIN_COMBOS, caption_mentions, make_caption, random_attributes
+from instaflow.tiny.render import make_dataset
+from instaflow.tiny.text import load_tokenizer, save_tokenizer, text_encoder_config, tokenize
+
+from instaflow.tiny import WEIGHTS_DIR  # noqa: E402
+PUBLISHED = {"tiny-instaflow": "tiny-instaflow", "tiny-2rf": "tiny-2rf", "judge": "judge"}
+
+
+@dataclass(frozen=True)
+class Config:
+    seed: int = 0
+    threads: int = 2
+    n_train: int = 10000
+    judge_n_train: int = 8000
+    judge_n_test: int = 2000
+    judge_iters: int = 700
+    judge_batch: int = 64
+    vae_iters: int = 700
+    vae_batch: int = 16
+    vae_lr: float = 2e-3
+    vae_budget_min: float = 7.0
+    teacher_iters: int = 1500
+    teacher_batch: int = 48
+    teacher_lr: float = 1e-3
+    teacher_budget_min: float = 35.0
+    prompt_dropout: float = 0.1
+    n_pairs: int = 2000
+    teacher_steps: int = 12
+    teacher_guidance: float = 2.0
+    rf2_iters: int = 600
+    rf2_lr: float = 4e-4
+    rf2_budget_min: float = 14.0
+    rf2_pair_steps: int = 6
+    distill_iters: int = 500
+    distill_lr: float = 4e-4
+    distill_budget_min: float = 9.0  # each of the two distillations
+    batch: int = 48
+    ema_decay: float = 0.995
+    sample_batch: int = 128
+    weights_dtype: str = "float16"  # what the published folders store (the engine loads fp32 on CPU)
+
+
+QUICK = Config(
+    threads=2, n_train=192, judge_n_train=256, judge_n_test=128, judge_iters=30, judge_batch=32,
+    vae_iters=12, vae_batch=8, teacher_iters=20, teacher_batch=16, n_pairs=32, teacher_steps=4,
+    rf2_iters=8, rf2_pair_steps=2, distill_iters=8, batch=16, sample_batch=32, ema_decay=0.9,
+)
+
+
+class Run:
+    """A run folder: stage outputs, done markers and the log."""
+
+    def __init__(self, out: Path, config: Config, log: Callable[[str], None]):
+        self.out, self.config, self.log = out, config, log
+        self.stages = out / "stages"
+        self.stages.mkdir(parents=True, exist_ok=True)
+
+    def stage_dir(self, name: str) -> Path:
+        path = self.stages / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def done(self, name: str) -> dict | None:
+        marker = self.stages / name / "done.json"
+        return json.loads(marker.read_text()) if marker.exists() else None
+
+    def mark_done(self, name: str, info: dict) -> None:
+        (self.stage_dir(name) / "done.json").write_text(json.dumps(info, indent=2))
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.stages / "vae" / "tokenizer"
+
+
+def _lr_factor(progress: float, warmup: float = 0.05) -> float:
+    """Linear warm-up, then cosine decay to 10% of the peak; `progress` runs from 0 to 1."""
+    if progress < warmup:
+        return (progress + 1e-3) / warmup
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (progress - warmup) / (1 - warmup))))
+
+
+def _loss_summary(losses: list[float]) -> dict:
+    k = max(1, len(losses) // 10)
+    return {"first": float(np.mean(losses[:k])), "last": float(np.mean(losses[-k:])), "n": len(losses)}
+
+
+def _optimise(run: Run, name: str, params, iters: int, lr: float, loss_fn: Callable[[int], torch.Tensor],
+              ema_pairs: list[tuple[torch.nn.Module, flow.EMA]], budget_min: float = 0.0) -> list[float]:
+    """AdamW for `iters` steps, or until `budget_min` minutes have passed (0: no limit).
+
+    The machine is shared, so a stage may get less CPU than planned: the schedule follows
+    whichever of steps and time runs out first, and the stage reports the steps it made.
+    """
+    opt = torch.optim.AdamW(params, lr, weight_decay=0.0)
+    budget_s = budget_min * 60 if budget_min > 0 else float("inf")
+    losses, start = [], time.time()
+    step = 0
+    while step < iters and time.time() - start < budget_s:
+        progress = max(step / iters, (time.time() - start) / budget_s)
+        for group in opt.param_groups:
+            group["lr"] = lr * _lr_factor(progress)
+        loss = loss_fn(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        for module, ema in ema_pairs:
+            ema.update(module)
+        losses.append(float(loss.detach()))
+        if step % 50 == 0:
+            run.log(f"{name} step {step}/{iters} loss {np.mean(losses[-50:]):.4f} lr {opt.param_groups[0]['lr']:.2e} "
+                    f"({time.time() - start:.0f}s)")
+        step += 1
+    run.log(f"{name} stopped after {step}/{iters} steps, loss {np.mean(losses[-50:]):.4f} ({time.time() - start:.0f}s)")
+    for module, ema in ema_pairs:
+        ema.copy_to(module)
+    return losses
+
+
+# -- stages ------------------------------------------------------------------------------
+
+
+def stage_judge(run: Run, seed: int) -> dict:
+    c = run.config
+    report = train_judge(run.out / "judge", c.judge_n_train, c.judge_n_test, c.judge_iters, c.judge_batch,
+                         seed, log=run.log)
+    return {"test_accuracy": report["test_accuracy"], "loss": _loss_summary(report["losses"])}
+
+
+def stage_data(run: Run, seed: int) -> dict:
+    pixels, captions, attrs = make_dataset(run.config.n_train, seed, TRAIN_COMBOS)
+    folder = run.stage_dir("data")
+    np.save(folder / "pixels.npy", pixels)
+    (folder / "captions.json").write_text(json.dumps(captions))
+    (folder / "attributes.json").write_text(json.dumps([a.as_dict() for a in attrs]))
+    return {"n": len(captions)}
+
+
+def _load_data(run: Run) -> tuple[np.ndarray, list[str]]:
+    folder = run.stages / "data"
+    return np.load(folder / "pixels.npy"), json.loads((folder / "captions.json").read_text())
+
+
+def _pixels_tensor(pixels: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def stage_vae(run: Run, seed: int) -> dict:
+    c = run.config
+    pixels, _ = _load_data(run)
+    rng = np.random.default_rng(seed)
+    vae = make_vae().train()
+
+    def loss_fn(step: int) -> torch.Tensor:
+        x = _pixels_tensor(pixels[rng.integers(0, len(pixels), c.vae_batch)])
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        return (recon - x).abs().mean() + (recon - x).pow(2).mean() + 1e-6 * posterior.kl().mean()
+
+    losses = _optimise(run, "vae", list(vae.parameters()), c.vae_iters, c.vae_lr, loss_fn, [], c.vae_budget_min)
+    folder = run.stage_dir("vae")
+    vae.eval().save_pretrained(folder / "vae")
+    save_tokenizer(run.tokenizer_dir)  # built from the caption vocabulary; needs no training
+    return {"loss": _loss_summary(losses), "params": n_params(vae)}
+
+
+def stage_latents(run: Run, seed: int) -> dict:
+    from diffusers import AutoencoderKL
+
+    pixels, _ = _load_data(run)
+    vae = AutoencoderKL.from_pretrained(run.stages / "vae" / "vae").eval()
+    with torch.no_grad():
+        latents = torch.cat([vae.encode(_pixels_tensor(pixels[i : i + 256])).latent_dist.mean
+                             for i in range(0, len(pixels), 256)])
+    scaling = float(1.0 / latents.std())
+    vae.register_to_config(scaling_factor=scaling)
+    vae.save_pretrained(run.stage_dir("latents") / "vae")
+    torch.save((latents * scaling).contiguous(), run.stage_dir("latents") / "latents.pt")
+    return {"scaling_factor": scaling, "latent_mean": float(latents.mean() * scaling)}
+
+
+def _embedder(run: Run, text_encoder) -> Callable[[list[str]], torch.Tensor]:
+    tokenizer = load_tokenizer(run.tokenizer_dir)
+
+    @torch.no_grad()
+    def embed(prompts: list[str]) -> torch.Tensor:
+        return text_encoder(tokenize(tokenizer, prompts)).last_hidden_state
+
+    return embed
+
+
+def _save(run: Run, name: str, unet, vae, text_encoder, dtype: torch.dtype = torch.float32) -> Path:
+    return save_pipeline_folder(run.out / name, name, unet, vae, text_encoder, run.tokenizer_dir, dtype)
+
+
+def stage_teacher(run: Run, seed: int) -> dict:
+    """1-rectified flow on (noise, image) pairs, jointly with the text encoder (prompt dropout for CFG)."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel
+
+    c = run.config
+    _, captions = _load_data(run)
+    latents = torch.load(run.stages / "latents" / "latents.pt")
+    tokenizer = load_tokenizer(run.tokenizer_dir)
+    ids = tokenize(tokenizer, captions)
+    empty = tokenize(tokenizer, [""])[0]
+    text_encoder = CLIPTextModel(text_encoder_config(len(tokenizer), tokenizer)).train()
+    unet = make_unet(text_encoder.config.hidden_size).train()
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed)
+
+    def loss_fn(step: int) -> torch.Tensor:
+        idx = torch.from_numpy(rng.integers(0, len(latents), c.teacher_batch))
+        batch_ids = ids[idx].clone()
+        batch_ids[torch.rand(len(idx), generator=gen) < c.prompt_dropout] = empty
+        embeds = text_encoder(batch_ids).last_hidden_state
+        z = torch.randn(latents[idx].shape, generator=gen)
+        return flow.rf_loss(unet, latents[idx], z, embeds, torch.rand(len(idx), generator=gen))
+
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    emas = [(unet, flow.EMA(unet, c.ema_decay)), (text_encoder, flow.EMA(text_encoder, c.ema_decay))]
+    losses = _optimise(run, "teacher", params, c.teacher_iters, c.teacher_lr, loss_fn, emas, c.teacher_budget_min)
+    vae = AutoencoderKL.from_pretrained(run.stages / "latents" / "vae")
+    _save(run, "teacher", unet.eval(), vae, text_encoder.eval())
+    return {"loss": _loss_summary(losses), "unet_params": n_params(unet), "text_params": n_params(text_encoder)}
+
+
+def _random_captions(n: int, seed: int) -> list[str]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        attrs = random_attributes(rng, TRAIN_COMBOS)
+        say_place, say_size = caption_mentions(rng, 0.5)
+        out.append(make_caption(attrs, rng, say_placement=say_place, say_size=say_size))
+    return out
+
+
+def _make_pairs(run: Run, stage: str, model_dir: Path, steps: int, guidance: float, seed: int) -> dict:
+    """(z, ODE(z)) pairs from a model's Euler ODE, for training-set prompts only."""
+    c = run.config
+    unet, _, text_encoder, _ = load_folder(model_dir)
+    embed = _embedder(run, text_encoder.eval())
+    captions = _random_captions(c.n_pairs, seed)
+    z = torch.randn((c.n_pairs, 4, 16, 16), generator=torch.Generator().manual_seed(seed))
+    uncond = embed([""])
+    x1, start = [], time.time()
+    for i in range(0, c.n_pairs, c.sample_batch):
+        x1.append(flow.sample(unet.eval(), z[i : i + c.sample_batch], embed(captions[i : i + c.sample_batch]),
+                              uncond, steps, guidance))
+        run.log(f"{stage} {i + len(x1[-1])}/{c.n_pairs} ({time.time() - start:.0f}s)")
+    torch.save({"z": z, "x1": torch.cat(x1), "captions": captions}, run.stage_dir(stage) / "pairs.pt")
+    return {"n": c.n_pairs, "steps": steps, "guidance": guidance}
+
+
+def stage_reflow_pairs(run: Run, seed: int) -> dict:
+    c = run.config
+    return _make_pairs(run, "reflow_pairs", run.out / "teacher", c.teacher_steps, c.teacher_guidance, seed)
+
+
+def _load_pairs(run: Run, stage: str, text_encoder) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    pairs = torch.load(run.stages / stage / "pairs.pt")
+    embed = _embedder(run, text_encoder.eval())
+    return pairs["z"], pairs["x1"], torch.cat([embed(pairs["captions"][i : i + 512])
+                                               for i in range(0, len(pairs["captions"]), 512)])
+
+
+def stage_rf2(run: Run, seed: int) -> dict:
+    """2-rectified flow: the teacher fine-tuned on its own (noise, ODE output) couplings."""
+    c = run.config
+    unet, vae, text_encoder, _ = load_folder(run.out / "teacher")
+    z, x1, embeds = _load_pairs(run, "reflow_pairs", text_encoder)
+    uncond = _embedder(run, text_encoder)([""])
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed)
+    unet.train()
+
+    def loss_fn(step: int) -> torch.Tensor:
+        idx = torch.from_numpy(rng.integers(0, len(z), c.batch))
+        e = embeds[idx].clone()
+        e[torch.rand(len(idx), generator=gen) < c.prompt_dropout] = uncond[0]
+        return flow.rf_loss(unet, x1[idx], z[idx], e, torch.rand(len(idx), generator=gen))
+
+    losses = _optimise(run, "rf2", list(unet.parameters()), c.rf2_iters, c.rf2_lr, loss_fn,
+                       [(unet, flow.EMA(unet, c.ema_decay))], c.rf2_budget_min)
+    _save(run, "tiny-2rf", unet.eval(), vae, text_encoder, getattr(torch, c.weights_dtype))
+    return {"loss": _loss_summary(losses)}
+
+
+def stage_rf2_pairs(run: Run, seed: int) -> dict:
+    return _make_pairs(run, "rf2_pairs", run.out / "tiny-2rf", run.config.rf2_pair_steps, 1.0, seed)
+
+
+def _distill(run: Run, name: str, init_dir: Path, pairs_stage: str, out_name: str, seed: int,
+             dtype: torch.dtype) -> dict:
+    c = run.config
+    unet, vae, text_encoder, _ = load_folder(init_dir)
+    z, x1, embeds = _load_pairs(run, pairs_stage, text_encoder)
+    rng = np.random.default_rng(seed)
+    unet.train()
+
+    def loss_fn(step: int) -> torch.Tensor:
+        idx = torch.from_numpy(rng.integers(0, len(z), c.batch))
+        return flow.one_step_loss(unet, x1[idx], z[idx], embeds[idx])
+
+    losses = _optimise(run, name, list(unet.parameters()), c.distill_iters, c.distill_lr, loss_fn,
+                       [(unet, flow.EMA(unet, c.ema_decay))], c.distill_budget_min)
+    _save(run, out_name, unet.eval(), vae, text_encoder, dtype)
+    return {"loss": _loss_summary(losses)}
+
+
+def stage_distill(run: Run, seed: int) -> dict:
+    """InstaFlow: distil the 2-RF's ODE into one step (L2 in latent space)."""
+    dtype = getattr(torch, run.config.weights_dtype)
+    return _distill(run, "distill", run.out / "tiny-2rf", "rf2_pairs", "tiny-instaflow", seed, dtype)
+
+
+def stage_direct(run: Run, seed: int) -> dict:
+    """The ablation: distil the 1-RF teacher's ODE into one step directly, same budget."""
+    return _distill(run, "direct", run.out / "teacher", "reflow_pairs", "direct-distill", seed, torch.float32)
+
+
+STAGES: list[tuple[str, Callable[[Run, int], dict]]] = [
+    ("judge", stage_judge), ("data", stage_data), ("vae", stage_vae), ("latents", stage_latents),
+    ("teacher", stage_teacher), ("reflow_pairs", stage_reflow_pairs), ("rf2", stage_rf2),
+    ("rf2_pairs", stage_rf2_pairs), ("distill", stage_distill), ("direct", stage_direct),
+]
+
+
+def train(out: Path | str = "var/tiny-run", quick: bool = False, publish: bool = False,
+          log: Callable[[str], None] = print, config: Config | None = None,
+          overrides: dict[str, str] | None = None) -> dict:
+    """Run (or resume) the whole recipe; returns {stage: info} including seconds per stage.
+
+    `publish=True` copies tiny-instaflow, tiny-2rf and judge into instaflow/weights/.
+    """
+    config = config or (QUICK if quick else Config())
+    if overrides:  # e.g. {"distill_iters": "300"}, typed after the field's default
+        config = replace(config, **{k: type(getattr(config, k))(v) for k, v in overrides.items()})
+    torch.set_num_threads(config.threads)
+    run = Run(Path(out), config, log)
+    (run.out / "config.json").write_text(json.dumps(asdict(config), indent=2))
+    summary = {}
+    for k, (name, fn) in enumerate(STAGES):
+        info = run.done(name)
+        if info is None:
+            log(f"== stage {name}")
+            torch.manual_seed(config.seed * 100 + k)
+            start = time.time()
+            info = fn(run, config.seed * 100 + k)
+            info["seconds"] = round(time.time() - start, 1)
+            run.mark_done(name, info)
+            log(f"== stage {name} done in {info['seconds']}s: {json.dumps(info)[:300]}")
+        summary[name] = info
+    (run.out / "summary.json").write_text(json.dumps(summary, indent=2))
+    if publish:
+        publish_weights(run.out)
+    return summary
+
+
+def publish_weights(run_out: Path, weights_dir: Path = WEIGHTS_DIR) -> None:
+    for src, dst in PUBLISHED.items():
+        target = weights_dir / dst
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.copytree(run_out / src, target)
+
+
+__all__ = ["Config", "QUICK", "train", "publish_weights", "replace"]
