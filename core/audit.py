@@ -10,7 +10,6 @@ import hashlib
 import json
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
-from enum import StrEnum
 from types import SimpleNamespace
 from typing import Any, Protocol
 
@@ -24,18 +23,8 @@ CHAIN_HEAD_ID = 1
 BULK_INSERT_ROWS = 5_000
 
 
-class Action(StrEnum):
-    """The actions the services record; docs/compliance.md lists what each payload carries."""
-    BATCH_SUBMITTED = "batch.submitted"
-    BATCH_CANCELLED = "batch.cancelled"
-    BATCH_RETRIED = "batch.retried"
-    ITEM_GENERATED = "item.generated"
-    ITEM_FAILED = "item.failed"
-    IMAGE_QC = "image.qc"
-    IMAGE_REVIEWED = "image.reviewed"
-    KEY_CREATED = "key.created"
-    KEY_REVOKED = "key.revoked"
-    AUDIT_EXPORTED = "audit.exported"
+# The writers name their own actions (docs/compliance.md lists them); this module writes only this one.
+AUDIT_EXPORTED = "audit.exported"
 
 
 class EventFields(Protocol):

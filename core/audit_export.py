@@ -104,32 +104,36 @@ def iter_rows(engine: Engine, event_filter: EventFilter) -> Iterator[Any]:
 
 
 def stream_export(engine: Engine, event_filter: EventFilter, fmt: str) -> Iterator[bytes]:
-    """The export as byte chunks of about ``FLUSH_BYTES``: JSON Lines or CSV (header first)."""
-    if fmt not in ("jsonl", "csv"):
-        raise ValueError(f"cannot stream format {fmt!r}; use jsonl or csv")
+    """The export as byte chunks of about ``FLUSH_BYTES``: JSON Lines, CSV (header first) or one
+    JSON array, written as it goes."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}; one of {', '.join(FORMATS)}")
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n") if fmt == "csv" else None
     if writer:
         writer.writerow(CSV_COLUMNS)
-    for row in iter_rows(engine, event_filter):
+    elif fmt == "json":
+        buffer.write("[")
+    for n, row in enumerate(iter_rows(engine, event_filter)):
         event = event_dict(row)
         if writer:
             event["payload"] = json.dumps(event["payload"], sort_keys=True, ensure_ascii=False)
             writer.writerow([event[column] for column in CSV_COLUMNS])
         else:
-            buffer.write(json.dumps(event, ensure_ascii=False))
-            buffer.write("\n")
+            buffer.write(("" if fmt == "jsonl" or n == 0 else ",") + json.dumps(event, ensure_ascii=False) + "\n")
         if buffer.tell() >= FLUSH_BYTES:
             yield buffer.getvalue().encode()
             buffer.seek(0)
             buffer.truncate()
+    if fmt == "json":
+        buffer.write("]\n")
     if buffer.tell():
         yield buffer.getvalue().encode()
 
 
 def record_export(session: Session, *, actor: str, fmt: str, event_filter: EventFilter) -> EventFilter:
     """Write the ``audit.exported`` event; returns the filter bounded by it. The caller commits."""
-    event = audit.record(session, audit.Action.AUDIT_EXPORTED, actor=actor,
+    event = audit.record(session, audit.AUDIT_EXPORTED, actor=actor,
                          payload={"format": fmt, "filters": event_filter.described()})
     session.flush()
     return replace(event_filter, through_seq=event.seq)

@@ -9,11 +9,12 @@ import uuid
 from collections.abc import Callable, Iterator
 
 import pytest
-from sqlalchemy import Connection, Engine, create_engine, text
+from sqlalchemy import Connection, Engine, create_engine, select, text, update
 
 from core import audit
 from core.db import make_engine, session_scope
 from core.migrate import upgrade
+from models import AuditChainHead, AuditEvent
 from tests.fixtures.services import PG_ADMIN_URL
 
 
@@ -73,6 +74,24 @@ def bulk_events(engine: Engine, count: int, *, batch: int = 20_000) -> None:
                  "payload": {"n": n, "seed": n * 7, "model": "tiny-instaflow", "prompt": f"a red mug #{n}"}}
                 for n in range(start, start + size)
             ))
+
+
+ROW_COLUMNS = ("seq", "ts", "actor", "action", "batch_id", "item_id", "image_id", "payload", "prev_hash", "hash")
+
+
+def stored_hash(conn: Connection, seq: int) -> str:
+    return conn.execute(select(AuditEvent.hash).where(AuditEvent.seq == seq)).scalar_one()
+
+
+def rehash_from(conn: Connection, first_seq: int) -> None:
+    """Recompute every hash from ``first_seq`` on and move the chain head: a rewritten chain."""
+    prev_hash = stored_hash(conn, first_seq - 1) if first_seq > 1 else audit.GENESIS_HASH
+    columns = [getattr(AuditEvent, name) for name in ROW_COLUMNS]
+    for event in conn.execute(select(*columns).where(AuditEvent.seq >= first_seq).order_by(AuditEvent.seq)).all():
+        new_hash = audit.event_hash(prev_hash, event)
+        conn.execute(update(AuditEvent).where(AuditEvent.seq == event.seq).values(prev_hash=prev_hash, hash=new_hash))
+        prev_hash = new_hash
+    conn.execute(update(AuditChainHead).values(last_hash=prev_hash))
 
 
 def as_attacker(engine: Engine, *steps: str | Callable[[Connection], None]) -> None:

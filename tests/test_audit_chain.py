@@ -16,10 +16,11 @@ from core.audit_verify import verify_chain
 from core.db import session_scope
 from core.storage import LocalObjectStore, S3ObjectStore
 from models import AuditChainHead, AuditEvent
-from tests.audit_support import as_attacker, fresh_pg_url, ledger, pg_template, write_events  # noqa: F401
+from tests.audit_support import (  # noqa: F401
+    ROW_COLUMNS, as_attacker, fresh_pg_url, ledger, pg_template, rehash_from, stored_hash, write_events,
+)
 
 EVENTS = 20
-ROW_COLUMNS = ("seq", "ts", "actor", "action", "batch_id", "item_id", "image_id", "payload", "prev_hash", "hash")
 
 
 def found(engine: Engine, anchors: dict[int, str] | None = None) -> list[tuple[int, str]]:
@@ -28,27 +29,12 @@ def found(engine: Engine, anchors: dict[int, str] | None = None) -> list[tuple[i
     return [(p.seq, p.kind) for p in result.problems]
 
 
-def stored_hash(conn: Connection, seq: int) -> str:
-    return conn.execute(select(AuditEvent.hash).where(AuditEvent.seq == seq)).scalar_one()
-
-
 def forged_row(conn: Connection, seq: int, prev_hash: str) -> dict:
     row = {"seq": seq, "ts": datetime(2026, 1, 1, tzinfo=timezone.utc), "actor": "mallory", "action": "review",
            "batch_id": None, "item_id": None, "image_id": None, "payload": {"decision": "approved"},
            "prev_hash": prev_hash}
     row["hash"] = audit.event_hash(prev_hash, SimpleNamespace(**row))
     return row
-
-
-def rehash_from(conn: Connection, first_seq: int) -> None:
-    """Recompute every hash from ``first_seq`` on and move the chain head: a rewritten chain."""
-    prev_hash = stored_hash(conn, first_seq - 1) if first_seq > 1 else audit.GENESIS_HASH
-    columns = [getattr(AuditEvent, name) for name in ROW_COLUMNS]
-    for event in conn.execute(select(*columns).where(AuditEvent.seq >= first_seq).order_by(AuditEvent.seq)).all():
-        new_hash = audit.event_hash(prev_hash, event)
-        conn.execute(update(AuditEvent).where(AuditEvent.seq == event.seq).values(prev_hash=prev_hash, hash=new_hash))
-        prev_hash = new_hash
-    conn.execute(update(AuditChainHead).values(last_hash=prev_hash))
 
 
 @pytest.fixture

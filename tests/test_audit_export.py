@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import Engine, select
 
 from api.testing import ApiHarness
-from core.audit_verify import verify_chain, verify_export
+from core.audit_verify import verify_export
 from core.db import session_scope
 from core.settings import REPO_ROOT
 from models import AuditEvent
@@ -212,3 +212,11 @@ def test_exporting_100k_events_streams_in_flat_memory(ledger, tmp_path):
     assert figures["held_growth_mb"] > 30 and figures["export_growth_mb"] < figures["held_growth_mb"] / 2
     assert figures["verify_ok"] and figures["verify_events"] == 100_002  # + the two exports' own events
     assert figures["verify_growth_mb"] < 50
+
+
+@pytest.mark.parametrize("who,status", [(None, 401), ("revoked", 401), ("submitter", 403), ("reviewer", 403)])
+def test_a_refused_export_writes_no_audit_event(api, ledger, who, status):
+    before = len(all_events(ledger))
+    response = api.get(who, "/v1/audit/events", params={"format": "jsonl"})
+    assert response.status_code == status
+    assert len(all_events(ledger)) == before
