@@ -31,7 +31,7 @@ from core.db import get_engine, session_scope
 from core.provenance import read_png_provenance
 from core.settings import get_settings
 from core.storage import get_store
-from models import Image, Item
+from models import AuditEvent, Image, Item
 
 audit_app = typer.Typer(help="The tamper-evident audit trail: verify it, export it, anchor its head.",
                         no_args_is_help=True)
@@ -154,7 +154,7 @@ def provenance(
         "--ledger/--no-ledger", help="check against the ledger (default: when DATABASE_URL is set "
                                      "or the embedded ledger exists)")] = None,
 ) -> None:
-    """Print the provenance a PNG carries and confirm its sha256 against the ledger."""
+    """Print the provenance a PNG carries; confirm its sha256 against the ledger and the audit chain."""
     data = file.read_bytes()
     digest = hashlib.sha256(data).hexdigest()
     try:
@@ -185,12 +185,14 @@ def _ledger_configured() -> bool:
 
 
 def _check_against_ledger(chunks: dict[str, str], digest: str) -> tuple[list[str], str | None]:
-    """What disagrees between the file, its chunks and the ledger; and the ledger's image id."""
+    """What disagrees between the file, its chunks, the image row and the audit chain's record of
+    the generation; and the ledger's image id. The image row can be edited; the chain's
+    ``item.generated`` event cannot without ``audit verify`` noticing, so both are checked."""
     try:
         with session_scope() as session:
             row = _find_image(session, chunks, digest)
             if row is None:
-                return ["no image in the ledger for this file (by item_id/index or sha256)"], None
+                return ["no image in the ledger for this file (by sha256, or item_id and index)"], None
             image, item = row
             recorded = {
                 "sha256": (digest, image.sha256), "item_id": (chunks.get("item_id"), item.id),
@@ -198,12 +200,22 @@ def _check_against_ledger(chunks: dict[str, str], digest: str) -> tuple[list[str
                 "seed": (chunks.get("seed"), str(image.seed)), "model": (chunks.get("model"), image.model_id),
                 "weights_sha256": (chunks.get("weights_sha256"), image.weights_sha256),
             }
+            in_chain = _generated_sha256s(session, item)
     except Exception as exc:  # noqa: BLE001 - an unreachable ledger is not a mismatch
         raise fail(f"cannot read the ledger ({type(exc).__name__}: {exc})") from None
     mismatches = [f"{name}: file has {found!r}, ledger has {expected!r}"
                   for name, (found, expected) in recorded.items()
                   if (found is not None or name == "sha256") and found != expected]
+    if digest not in in_chain:
+        mismatches.append(f"sha256: no item.generated audit event of item {item.id} records this file's sha256")
     return mismatches, image.id
+
+
+def _generated_sha256s(session, item: Item) -> set[str]:
+    """Every image sha256 that the audit chain says was generated for this item."""
+    payloads = session.scalars(select(AuditEvent.payload).where(
+        AuditEvent.batch_id == item.batch_id, AuditEvent.item_id == item.id, AuditEvent.action == "item.generated"))
+    return {sha for payload in payloads for sha in (payload or {}).get("sha256", [])}
 
 
 def _find_image(session, chunks: dict[str, str], digest: str) -> tuple[Image, Item] | None:

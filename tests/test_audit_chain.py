@@ -13,7 +13,7 @@ from sqlalchemy.exc import DBAPIError
 from core import audit
 from core.anchors import ChainBroken, anchor_chain, list_anchors, load_anchors
 from core.audit_verify import verify_chain
-from core.db import session_scope
+from core.db import make_engine, session_scope
 from core.storage import LocalObjectStore, S3ObjectStore
 from models import AuditChainHead, AuditEvent
 from tests.audit_support import (  # noqa: F401
@@ -224,3 +224,15 @@ def test_a_broken_chain_is_not_anchored(chain, tmp_path):
     with pytest.raises(ChainBroken, match="deleted"):
         anchor(chain, store)
     assert [a.seq for a in list_anchors(store)] == [EVENTS]
+
+
+def test_the_periodic_task_body_anchors_the_configured_ledger_in_the_configured_store(configure, sqlite_url):
+    from core.anchors import anchor_now
+    from core.storage import get_store
+
+    configure(DATABASE_URL=sqlite_url)
+    assert anchor_now() is None  # nothing to anchor in an empty chain
+    write_events(make_engine(sqlite_url), 3)
+    result = anchor_now()
+    assert (result.created, result.anchor.seq) == (True, 3)
+    assert load_anchors(get_store()) == {3: result.anchor.hash}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 
 import pytest
 import typer
@@ -10,7 +11,7 @@ from sqlalchemy import select
 from typer.testing import CliRunner
 
 from cli.audit import provenance
-from core import ledger
+from core import audit, ledger
 from core.db import make_engine, session_scope
 from core.provenance import encode_png
 from models import Image, Item, utcnow
@@ -53,6 +54,8 @@ def generated(configure, sqlite_url, tmp_path):
         session.add(Image(id=image_id, item_id=item_id, batch_id=batch.id, index=0, seed=42,
                           storage_key=f"batches/{batch.id}/{item_id}/0.png", sha256=hashlib.sha256(data).hexdigest(),
                           width=16, height=16, model_id="tiny-instaflow", weights_sha256=WEIGHTS, created_at=utcnow()))
+        audit.record(session, "item.generated", actor="worker", batch_id=batch.id, item_id=item_id,
+                     payload={"seed": 42, "sha256": [hashlib.sha256(data).hexdigest()]})
     path = tmp_path / "image.png"
     path.write_bytes(data)
     engine.dispose()
@@ -75,6 +78,17 @@ def test_a_file_with_other_pixels_fails_the_ledger_check(generated):
     result = run(str(path))
     assert result.exit_code == 1
     assert "MISMATCH sha256:" in result.stdout and "match=false" in result.stdout
+
+
+def test_a_forged_file_registered_in_the_image_row_is_still_caught_by_the_chain(generated):
+    path, image_id, item_id, batch_id = generated
+    forged = png_for(item_id, batch_id, colour=(0, 0, 0))
+    path.write_bytes(forged)
+    with session_scope(make_engine(os.environ["DATABASE_URL"])) as session:
+        session.get(Image, image_id).sha256 = hashlib.sha256(forged).hexdigest()  # the images table is mutable
+    result = run(str(path))
+    assert result.exit_code == 1
+    assert "MISMATCH sha256: no item.generated audit event" in result.stdout
 
 
 def test_edited_chunks_are_named(generated):
@@ -104,3 +118,24 @@ def test_a_file_that_is_no_png_is_refused(tmp_path):
     junk.write_bytes(b"not an image at all")
     result = run(str(junk), "--no-ledger")
     assert result.exit_code == 1 and "not a readable PNG" in result.stderr
+
+
+def test_an_image_from_the_real_worker_checks_out_against_ledger_and_chain(configure, random_checkpoint, tmp_path):
+    from core.audit_verify import verify_chain
+    from tests.workerkit import build_stack, running_worker
+
+    stack = build_stack(configure, INSTABATCH_MODEL=str(random_checkpoint))
+    batch_id = stack.submit(["a red ceramic mug", "a blue teapot"])
+    with running_worker(stack):
+        stack.wait_until_done(batch_id)
+    image = stack.images(batch_id)[0]
+    path = tmp_path / "downloaded.png"
+    path.write_bytes(stack.store.get(image.storage_key))
+
+    result = run(str(path))
+    assert result.exit_code == 0, result.output
+    assert f"RESULT ledger=checked match=true image_id={image.id}" in result.stdout
+    for chunk in ("item_id", "prompt", "seed", "model", "weights_sha256"):
+        assert f"  {chunk}: " in result.stdout
+    assert stack.store.head(image.storage_key)["weights_sha256"] == image.weights_sha256
+    assert verify_chain(make_engine(stack.settings.database_url)).ok
