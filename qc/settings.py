@@ -52,7 +52,7 @@ class QcSettings(BaseSettings):
         256, description="side of the square-area grey image the Laplacian is computed on"
     )
     sharpness_min: float = Field(
-        0.0008,
+        0.0004,
         description="blurry: var(Laplacian) / var(grey) on the sharpness_size image below this",
     )
 

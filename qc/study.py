@@ -4,6 +4,8 @@
   blurred, darkened, brightened: how the thresholds separate good from bad.
 * ``duplicates``: Hamming distances of pairs that are duplicates (JPEG, noise)
   and pairs that are not (jitter, colour variants, random).
+* ``alignment``: held-out renders prompted with their own caption and with the
+  colour or the kind swapped: what the attribute judge lets through and catches.
 * ``batch --model DIR --n 500``: generate held-out prompts with a tiny model,
   QC them as the worker would (32-image chunks, known hashes across chunks) and
   report verdicts, reasons, the cost of QC against generation, and a JSONL of
@@ -109,6 +111,35 @@ def study_duplicates(count: int) -> None:
               f" flagged luma-only={luma_only:.1%} luma+colour={both:.1%}")
 
 
+def study_alignment(count: int) -> None:
+    """Held-out renders prompted with their own caption, and with one attribute swapped."""
+    from instaflow.tiny.prompts import COLOURS, HELD_OUT_COMBOS, KINDS, Attributes, make_caption, random_attributes
+    from instaflow.tiny.render import render
+
+    rng = np.random.default_rng(5)
+    checker = QualityChecker(QcSettings(alignment="judge"))
+    print(f"   skipped: {checker.unavailable()}")
+    cases: dict[str, list[tuple[Image.Image, str]]] = {"own caption": [], "soft render, own caption": [],
+                                                      "colour swapped": [], "kind swapped": []}
+    for _ in range(count):
+        attrs = random_attributes(rng, HELD_OUT_COMBOS)
+        image = render(attrs, rng)
+        caption = make_caption(attrs, rng, say_placement=False, say_size=False)
+        colour = [c for c in COLOURS if c != attrs.colour][rng.integers(len(COLOURS) - 1)]
+        kind = [k for k in KINDS if k != attrs.kind][rng.integers(len(KINDS) - 1)]
+        swap = lambda **change: make_caption(Attributes(**{**attrs.as_dict(), **change}), rng, False, False)  # noqa: E731
+        cases["own caption"].append((image, caption))
+        cases["soft render, own caption"].append((image.filter(ImageFilter.GaussianBlur(0.7)), caption))
+        cases["colour swapped"].append((image, swap(colour=colour)))
+        cases["kind swapped"].append((image, swap(kind=kind)))
+    for label, pairs in cases.items():
+        outcomes = [checker.check([image], [prompt])[0] for image, prompt in pairs]
+        reasons = Counter(r for o in outcomes for r in o.reasons)
+        scores = [o.result("attribute_alignment").metrics["score"] for o in outcomes if o.result("attribute_alignment")]
+        print(f"== {label}: {dict(Counter(o.verdict for o in outcomes))} reasons {dict(reasons)}"
+              f" score p5/p50/p95={np.percentile(scores, [5, 50, 95]).round(3).tolist()}")
+
+
 def study_batch(model: str, count: int, out: Path, chunk: int = 32) -> None:
     import torch
 
@@ -144,7 +175,7 @@ def study_batch(model: str, count: int, out: Path, chunk: int = 32) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("study", choices=["renders", "duplicates", "batch"])
+    parser.add_argument("study", choices=["renders", "duplicates", "alignment", "batch"])
     parser.add_argument("--n", type=int, default=300)
     parser.add_argument("--model", default=None, help="tiny model folder (batch)")
     parser.add_argument("--out", type=Path, default=Path("var/qc-batch.jsonl"))
@@ -153,6 +184,8 @@ def main() -> None:
         study_renders(args.n)
     elif args.study == "duplicates":
         study_duplicates(args.n)
+    elif args.study == "alignment":
+        study_alignment(args.n)
     else:
         from instaflow.tiny import DEFAULT_MODEL_DIR
 
