@@ -118,7 +118,7 @@ class Image(Base):
     weights_sha256: Mapped[str] = mapped_column(String(64))
     refine: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
     timings: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
-    phash: Mapped[str | None] = mapped_column(String(16))
+    phash: Mapped[str | None] = mapped_column(String(64))  # 256-bit perceptual hash, hex
     qc_verdict: Mapped[str | None] = mapped_column(String(16))
     qc_reasons: Mapped[list[str] | None] = mapped_column(JSONType)
     review_status: Mapped[str | None] = mapped_column(String(16))

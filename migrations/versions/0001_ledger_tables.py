@@ -134,7 +134,7 @@ def upgrade() -> None:
     sa.Column('weights_sha256', sa.String(length=64), nullable=False),
     sa.Column('refine', sa.JSON().with_variant(postgresql.JSONB(astext_type=Text()), 'postgresql'), nullable=True),
     sa.Column('timings', sa.JSON().with_variant(postgresql.JSONB(astext_type=Text()), 'postgresql'), nullable=True),
-    sa.Column('phash', sa.String(length=16), nullable=True),
+    sa.Column('phash', sa.String(length=64), nullable=True),
     sa.Column('qc_verdict', sa.String(length=16), nullable=True),
     sa.Column('qc_reasons', sa.JSON().with_variant(postgresql.JSONB(astext_type=Text()), 'postgresql'), nullable=True),
     sa.Column('review_status', sa.String(length=16), nullable=True),
