@@ -57,9 +57,25 @@ def canonical_event(event: EventFields, seq: int | None = None) -> bytes:
         "batch_id": event.batch_id,
         "item_id": event.item_id,
         "image_id": event.image_id,
-        "payload": event.payload,
+        "payload": canonical_numbers(event.payload),
     }
     return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str).encode()
+
+
+def canonical_numbers(value: Any) -> Any:
+    """Floats with an integral value become ints (3.0 -> 3, 1e20 -> 100000000000000000000, -0.0 -> 0).
+
+    PostgreSQL's jsonb keeps numbers as decimals and gives 1e20 back as 100000000000000000000 and
+    -0.0 as 0.0, so the hash must not depend on how an integral number was spelled. Other floats
+    come back as the same double (jsonb keeps the shortest round-trip decimal that Python writes).
+    """
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else value
+    if isinstance(value, dict):
+        return {key: canonical_numbers(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [canonical_numbers(item) for item in value]
+    return value
 
 
 def event_hash(prev_hash: str, event: EventFields, seq: int | None = None) -> str:
@@ -67,8 +83,9 @@ def event_hash(prev_hash: str, event: EventFields, seq: int | None = None) -> st
 
 
 def to_jsonable(payload: dict[str, Any]) -> dict[str, Any]:
-    """Round-trip through JSON so the hashed payload is exactly what the database gives back."""
-    return json.loads(json.dumps(payload, default=str))
+    """Round-trip through JSON so the hashed payload is what the database gives back. NaN and the
+    infinities, which JSON (and jsonb) cannot hold, become the strings "NaN", "Infinity", "-Infinity"."""
+    return json.loads(json.dumps(payload, default=str), parse_constant=str)
 
 
 def record(

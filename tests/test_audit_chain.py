@@ -236,3 +236,13 @@ def test_the_periodic_task_body_anchors_the_configured_ledger_in_the_configured_
     result = anchor_now()
     assert (result.created, result.anchor.seq) == (True, 3)
     assert load_anchors(get_store()) == {3: result.anchor.hash}
+
+
+def test_payloads_that_the_database_respells_still_verify(ledger):
+    # jsonb gives 1e20 back as 100000000000000000000 and -0.0 as 0.0; JSON has no NaN.
+    awkward = {"big": 1e20, "tiny": 5e-324, "neg_zero": -0.0, "three": 3.0, "sum": 0.1 + 0.2, "huge_int": 2**70,
+               "nan": float("nan"), "inf": float("-inf"), "nested": [{"x": 1e16}, [2.5e-8, "tasse ☕"]], "ok": True}
+    with session_scope(ledger) as session:
+        event = audit.record(session, "probe", actor="t", payload=awkward)
+    assert event.payload["nan"] == "NaN" and event.payload["inf"] == "-Infinity"
+    assert found(ledger) == []
