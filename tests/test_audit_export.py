@@ -19,7 +19,7 @@ from core.db import session_scope
 from core.settings import REPO_ROOT
 from models import AuditEvent
 from tests.audit_support import (  # noqa: F401
-    as_attacker, bulk_events, fresh_pg_url, ledger, pg_template, write_events,
+    as_attacker, bulk_events, fresh_pg_url, ledger, pg_template, rehash_from, write_events,
 )
 
 ADMIN_KEY = "ib_bootstrap-admin-key-for-the-memory-probe"
@@ -220,3 +220,26 @@ def test_a_refused_export_writes_no_audit_event(api, ledger, who, status):
     response = api.get(who, "/v1/audit/events", params={"format": "jsonl"})
     assert response.status_code == status
     assert len(all_events(ledger)) == before
+
+
+def test_verify_over_http_checks_the_anchors(api, ledger):
+    from core.anchors import anchor_now
+
+    assert anchor_now().created
+    assert api.get("auditor", "/v1/audit/verify").json()["anchors"] == 1
+    as_attacker(ledger, """UPDATE audit_events SET payload = '{"n": 0, "x": 1}' WHERE seq = 2""",
+                lambda conn: rehash_from(conn, 2))
+    body = api.get("auditor", "/v1/audit/verify").json()
+    assert body["ok"] is False and [p["kind"] for p in body["problems"]] == ["anchor_mismatch"]
+
+
+def test_verify_is_503_when_the_anchors_cannot_be_read(api, monkeypatch):
+    import api.routes.audit as audit_routes
+
+    class Unreachable:
+        def list_keys(self, prefix: str) -> list[str]:
+            raise ConnectionError("storage is down")
+
+    monkeypatch.setattr(audit_routes, "get_store", lambda: Unreachable())
+    response = api.get("auditor", "/v1/audit/verify")
+    assert response.status_code == 503 and response.json()["error"]["code"] == "unavailable"
