@@ -17,6 +17,7 @@ from api.schemas.batches import progress_of
 from api.signing import object_url
 from core import ledger
 from core.keys import Principal
+from core.review import review_counts
 from models import Batch, BatchStatus, Image, Item, QcResult, Review, Verdict
 
 TERMINAL_STATUSES = {BatchStatus.SUCCEEDED, BatchStatus.COMPLETED_WITH_ERRORS, BatchStatus.CANCELLED}
@@ -51,6 +52,7 @@ def bad_cursor() -> APIError:
 
 def batch_views(session: Session, batches: Sequence[Batch]) -> list[BatchOut]:
     counts = ledger.state_counts(session, [b.id for b in batches])
+    reviews = review_counts(session, [b.id for b in batches])
     statuses = {b.id: ledger.batch_status(b, counts[b.id]) for b in batches}
     ended = [b.id for b in batches if b.finished_at is None and statuses[b.id] in TERMINAL_STATUSES]
     last_finished = _last_finished(session, ended)
@@ -60,6 +62,7 @@ def batch_views(session: Session, batches: Sequence[Batch]) -> list[BatchOut]:
             "status": statuses[b.id],
             "counts": counts[b.id],
             "progress": progress_of(counts[b.id]),
+            "review": reviews[b.id],
             "finished_at": b.finished_at or last_finished.get(b.id),
         })
         for b in batches

@@ -17,6 +17,7 @@ from api.testing import ApiHarness, sample_batch
 from core import keys
 from core.db import session_scope
 from core.storage import get_store
+from tests.reviewkit import seed_batch
 
 PRINCIPALS = ("none", "revoked", "submitter", "other_team", "reviewer", "auditor", "admin")
 
@@ -62,6 +63,15 @@ MATRIX: list[Row] = [
     Row("GET", "/v1/audit/events", expect(403, auditor=200, admin=200)),
     Row("GET", "/v1/audit/verify", expect(403, auditor=200, admin=200)),
     Row("POST", "/v1/keys/{key_id}/revoke", expect(403, admin=200)),
+    # QA review: reviewers decide; auditors may read the queue. The admin reaches the image after
+    # the reviewer decided it, so it gets 409 (already decided) rather than 403.
+    Row("GET", "/v1/review", expect(403, reviewer=200, auditor=200, admin=200)),
+    Row("POST", "/v1/images/{image_id}/review", expect(403, reviewer=200, admin=409),
+        body={"decision": "approve", "reason_code": "acceptable"}),
+    Row("GET", "/v1/batches/{batch_id}/contact-sheet.png", READ),
+    # The page and its assets hold no data: the page asks for a key and sends it with each call.
+    Row("GET", "/review", ANYONE),
+    Row("GET", "/review/assets/{name}", ANYONE),
 ]
 
 
@@ -100,10 +110,13 @@ def resources(harness: ApiHarness) -> dict[str, str]:
     get_store().put(object_key, b"\x89PNG fake bytes", {"item_id": item_id})
     with session_scope() as session:
         key, _ = keys.create_key(session, "throwaway", "submitter", harness.team, actor="test")
-    return {"batch_id": batch["id"], "item_id": item_id, "key_id": key.id, "object_key": object_key}
+    image_id = seed_batch(harness.team, [("review", ["blurry"])]).image_ids[0]
+    return {"batch_id": batch["id"], "item_id": item_id, "key_id": key.id, "object_key": object_key,
+            "image_id": image_id, "name": "review.js"}
 
 
 def fill(template: str, ids: dict[str, str]) -> str:
     if template == "/v1/objects/{key}":
         return signed_object_path(ids["object_key"])
-    return template.format(**{name: ids[name] for name in ("batch_id", "item_id", "key_id") if name in template})
+    names = ("batch_id", "item_id", "key_id", "image_id", "name")
+    return template.format(**{name: ids[name] for name in names if "{" + name + "}" in template})

@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, field_validator, model_validator
 
 from api.schemas.common import RequestModel, ResponseModel, StrippedText, Text, UtcDatetime
+from api.schemas.review import ReviewCounts
 from core.ledger import MAX_SEED, BatchSpec, ItemSpec
 from core.settings import get_settings
 from models import BatchStatus, ItemState
@@ -155,6 +156,7 @@ class BatchOut(ResponseModel):
     total_images: int
     counts: dict[str, int] = Field(description="items per state")
     progress: float = Field(description="share of items in a final state, 0 to 1")
+    review: ReviewCounts = Field(default_factory=ReviewCounts, description="images per QC verdict and review decision")
     created_at: UtcDatetime
     cancel_requested_at: UtcDatetime | None
     finished_at: UtcDatetime | None
