@@ -43,11 +43,6 @@ def create_app(settings: Settings | None = None) -> Celery:
         },
         beat_schedule_filename=str(settings.var_dir.resolve() / "celerybeat-schedule"),
     )
-    if settings.broker_url.startswith("sqla+"):
-        # kombu's SQLAlchemy transport hands every transport option to create_engine(), which
-        # refuses visibility_timeout / polling_interval; it has no visibility timeout anyway
-        # (a message fetched by a worker that dies is gone: the lease and the sweeper cover it).
-        app.conf.broker_transport_options = {}
     ctx = WorkerContext(settings, celery=app)
     app.instabatch = ctx  # type: ignore[attr-defined]
 
@@ -67,8 +62,8 @@ def create_app(settings: Settings | None = None) -> Celery:
     def sweep_at_start(sender: Any = None, **_: Any) -> None:
         if sender is None or getattr(sender, "app", None) is not app:
             return
-        try:
-            sweep(ctx.sessions, app, settings)
+        try:  # embedded: one host, so a lease held by a pid that is gone is free to take now
+            sweep(ctx.sessions, app, settings, reclaim_dead_local=settings.broker_url.startswith("sqla+"))
         except Exception:  # a worker that cannot sweep can still work; beat will sweep later
             log.exception("sweep at worker start failed")
 

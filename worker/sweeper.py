@@ -7,6 +7,8 @@ the broker. It runs as a beat task, once at worker start and inside ``instabatch
 from __future__ import annotations
 
 import logging
+import os
+import socket
 from dataclasses import dataclass, field
 
 from celery import Celery
@@ -35,13 +37,22 @@ class SweepReport:
 
 
 def sweep(sessions: sessionmaker[Session], celery: Celery | None = None, settings: Settings | None = None,
-          *, abandoned_by: str | None = None) -> SweepReport:
-    """Requeue expired leases (or those of ``abandoned_by``, a ``host:pid`` known to be dead), relay."""
+          *, abandoned_by: str | None = None, reclaim_dead_local: bool = False) -> SweepReport:
+    """Requeue expired leases, and those of dead workers, then relay pending chunks and close finished batches.
+
+    ``abandoned_by``: a ``host:pid`` known to be dead (``instabatch run`` saw its worker exit).
+    ``reclaim_dead_local``: also the leases of this host's processes that no longer exist, and of
+    this very process, which holds nothing yet (for a worker starting up). Only where every worker
+    sharing the ledger runs on this host in one process namespace: the embedded setup.
+    """
     settings = settings or get_settings()
     now = utcnow()
+    dead_owners = [abandoned_by] if abandoned_by else []
+    if reclaim_dead_local:
+        dead_owners += dead_local_workers(sessions)
     stale = Item.lease_expires_at < now
-    if abandoned_by:
-        stale = stale | Item.lease_owner.startswith(f"{abandoned_by}:", autoescape=True)
+    for owner in dead_owners:
+        stale = stale | Item.lease_owner.startswith(f"{owner}:", autoescape=True)
     report = SweepReport()
     with sessions() as session:
         report.cancelled = _end(session, and_(stale, Item.batch_id.in_(_cancelled())), ItemState.CANCELLED, now)
@@ -57,6 +68,32 @@ def sweep(sessions: sessionmaker[Session], celery: Celery | None = None, setting
     report.dispatched = dispatch_pending(sessions, celery)
     report.completed_batches = complete_finished_batches(sessions, settings)
     return report
+
+
+def dead_local_workers(sessions: sessionmaker[Session]) -> list[str]:
+    """``host:pid`` of this host's lease holders whose process is gone (or is this process)."""
+    host = socket.gethostname()
+    with sessions() as session:
+        owners = session.scalars(
+            select(Item.lease_owner).where(Item.state == ItemState.RUNNING.value,
+                                           Item.lease_owner.startswith(f"{host}:", autoescape=True)).distinct()
+        ).all()
+    dead = set()
+    for owner in owners:
+        pid_text = owner[len(host) + 1:].split(":", 1)[0]
+        if pid_text.isdigit() and (int(pid_text) == os.getpid() or not _pid_alive(int(pid_text))):
+            dead.add(f"{host}:{pid_text}")
+    return sorted(dead)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _cancelled() -> object:

@@ -1,0 +1,258 @@
+"""The ``instabatch`` command.
+
+    instabatch run FILE --out DIR      a prompt file -> images + results.csv, on the embedded defaults
+    instabatch serve / worker / beat   the API, a Celery worker (one per GPU), the sweeper's scheduler
+    instabatch db upgrade              migrate the ledger
+    instabatch keys create|revoke|list API keys
+    instabatch audit ... / provenance  the audit trail; where an image came from
+    instabatch qc score FILES          QC verdicts for image files
+    instabatch train tiny / eval tiny  the tiny model's recipe and its evaluation
+
+Started from the same folder, ``serve``, ``worker`` and ``run`` share the embedded defaults in
+``./var`` (SQLite ledger, SQLite broker, local object folder); environment variables point them
+at PostgreSQL, Redis and S3 instead (see core/settings.py).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from cli.audit import audit_app, cli_actor, provenance
+
+app = typer.Typer(help="InstaBatch: bulk product images with one-step InstaFlow generation.",
+                  no_args_is_help=True, pretty_exceptions_show_locals=False)
+db_app = typer.Typer(help="The ledger database.", no_args_is_help=True)
+keys_app = typer.Typer(help="API keys (the plaintext is shown once, on creation).", no_args_is_help=True)
+qc_app = typer.Typer(help="Quality checks.", no_args_is_help=True)
+train_app = typer.Typer(help="Train models.", no_args_is_help=True)
+eval_app = typer.Typer(help="Evaluate models.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(keys_app, name="keys")
+app.add_typer(qc_app, name="qc")
+app.add_typer(train_app, name="train")
+app.add_typer(eval_app, name="eval")
+app.add_typer(audit_app, name="audit")
+app.command("provenance")(provenance)
+
+console = Console()
+PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
+@app.command()
+def run(
+    file: Annotated[Path, typer.Argument(help="CSV (external_id,prompt,seed[,num_images]) or JSONL of prompts",
+                                         exists=True, dir_okay=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="folder for the PNGs and results.csv")],
+    name: Annotated[Optional[str], typer.Option(help="batch name (default: the file's name)")] = None,
+    refine: Annotated[bool, typer.Option("--refine", help="polish each image with the refiner")] = False,
+    width: Annotated[Optional[int], typer.Option(help="image width (default: the model's)")] = None,
+    height: Annotated[Optional[int], typer.Option(help="image height (default: the model's)")] = None,
+    steps: Annotated[int, typer.Option(help="Euler steps (1 for InstaFlow)")] = 1,
+    guidance_scale: Annotated[float, typer.Option(help="> 1 turns on classifier-free guidance")] = 0.0,
+    fresh: Annotated[bool, typer.Option("--fresh", help="a new batch, even if this file ran before")] = False,
+    worker: Annotated[bool, typer.Option(help="start a worker (--no-worker: one is already running)")] = True,
+    timeout: Annotated[Optional[float], typer.Option(help="give up after this many seconds")] = None,
+) -> None:
+    """Generate every prompt of FILE into DIR: PNGs plus results.csv. Exit 1 if any item did not succeed."""
+    from cli.inputs import InputError
+    from cli.run import EXIT_INTERRUPTED, EXIT_TROUBLE, RunOptions, RunTrouble
+    from cli.run import run as run_batch
+
+    params: dict = {"num_inference_steps": steps, "guidance_scale": guidance_scale}
+    params.update({key: value for key, value in (("width", width), ("height", height)) if value is not None})
+    if refine:
+        params["refine"] = {"enabled": True}
+    options = RunOptions(file=file, out=out, name=name, params=params, fresh=fresh, start_worker=worker,
+                         timeout=timeout)
+    try:
+        code = run_batch(options, console, actor=cli_actor())
+    except InputError as error:
+        console.print(f"[red]error:[/] {error}", highlight=False)
+        raise typer.Exit(2) from None
+    except RunTrouble as error:
+        console.print(f"[red]error:[/] {error}", highlight=False)
+        raise typer.Exit(EXIT_TROUBLE) from None
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted: run the same command again to resume the batch[/]")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    raise typer.Exit(code)
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="interface to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port")] = 8000,
+    workers: Annotated[int, typer.Option(help="uvicorn worker processes")] = 1,
+) -> None:
+    """The HTTP API (uvicorn api.main:app). Migrates an embedded SQLite ledger first."""
+    import uvicorn
+
+    _migrate_embedded()
+    uvicorn.run("api.main:app", host=host, port=port, workers=workers, proxy_headers=True)
+
+
+@app.command("worker")
+def worker_command(
+    pool: Annotated[str, typer.Option(help="solo: one process per GPU (recommended); prefork: time limits")] = "solo",
+    concurrency: Annotated[int, typer.Option(help="processes (prefork) or threads")] = 1,
+    queues: Annotated[Optional[str], typer.Option(help="comma-separated queues (default: all generate + maintenance)")] = None,
+    beat: Annotated[bool, typer.Option(help="also run the sweeper's schedule in this worker")] = False,
+    loglevel: Annotated[str, typer.Option(help="log level")] = "INFO",
+) -> None:
+    """A Celery worker. Run one per GPU (CUDA_VISIBLE_DEVICES=N) with the solo pool."""
+    from cli.supervisor import worker_command as command_for
+    from worker.app import WORKER_QUEUES
+
+    _migrate_embedded()
+    command = command_for(pool=pool, concurrency=concurrency, loglevel=loglevel, beat=beat,
+                          queues=tuple(queues.split(",")) if queues else WORKER_QUEUES)
+    os.execv(sys.executable, command)  # signals go straight to Celery (warm shutdown on SIGTERM)
+
+
+@app.command()
+def beat(loglevel: Annotated[str, typer.Option(help="log level")] = "INFO") -> None:
+    """Celery beat: schedules the sweeper (expired leases, pending outbox chunks). Run exactly one."""
+    os.execv(sys.executable, [sys.executable, "-m", "celery", "-A", "worker.celery_app", "beat", "--loglevel", loglevel])
+
+
+@app.command("sweep")
+def sweep_command() -> None:
+    """One sweeper pass now: requeue expired leases, publish pending chunks, close finished batches."""
+    from core.db import get_engine, session_factory
+    from core.settings import get_settings
+    from worker.app import create_app
+    from worker.sweeper import sweep
+
+    settings = get_settings()
+    report = sweep(session_factory(get_engine()), create_app(settings), settings)
+    console.print(f"RESULT requeued={len(report.requeued)} dead={len(report.dead)} dispatched={report.dispatched} "
+                  f"completed_batches={len(report.completed_batches)}", highlight=False)
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: Annotated[str, typer.Option(help="target revision")] = "head") -> None:
+    """Apply the migrations (PostgreSQL or SQLite)."""
+    from core.migrate import upgrade
+    from core.settings import get_settings
+
+    upgrade(revision=revision)
+    console.print(f"database at {revision}: {_safe_url(get_settings().database_url)}", highlight=False)
+
+
+@keys_app.command("create")
+def keys_create(
+    role: Annotated[str, typer.Option(help="submitter, reviewer, auditor or admin")],
+    team: Annotated[str, typer.Option(help="the team whose batches the key sees")],
+    name: Annotated[str, typer.Option(help="who or what holds the key")],
+) -> None:
+    """Create an API key and print it (once: only its hash is stored)."""
+    from core import keys
+    from core.db import session_scope
+
+    _migrate_embedded()
+    try:
+        with session_scope() as session:
+            key, plaintext = keys.create_key(session, name, role, team, actor=cli_actor())
+            key_id = key.id
+    except keys.InvalidKeySpec as error:
+        console.print(f"[red]error:[/] {error}", highlight=False)
+        raise typer.Exit(2) from None
+    console.print(f"key id {key_id} role={role} team={team}", highlight=False)
+    typer.echo(plaintext)
+
+
+@keys_app.command("revoke")
+def keys_revoke(key: Annotated[str, typer.Argument(help="the key's id or its shown prefix")]) -> None:
+    """Revoke an API key."""
+    from core import keys
+    from core.db import session_scope
+
+    try:
+        with session_scope() as session:
+            revoked = keys.revoke_key(session, key, actor=cli_actor())
+            key_id, when = revoked.id, revoked.revoked_at
+    except keys.UnknownKey as error:
+        console.print(f"[red]error:[/] {error}", highlight=False)
+        raise typer.Exit(1) from None
+    console.print(f"revoked {key_id} at {when}", highlight=False)
+
+
+@keys_app.command("list")
+def keys_list(revoked: Annotated[bool, typer.Option(help="include revoked keys")] = False) -> None:
+    """The API keys, one per line, tab-separated (never their plaintext)."""
+    from core import keys
+    from core.db import session_scope
+
+    typer.echo("\t".join(("id", "prefix", "name", "role", "team", "created_at", "revoked_at")))
+    with session_scope() as session:
+        for key in keys.list_keys(session, include_revoked=revoked):
+            typer.echo("\t".join((key.id, key.prefix, key.name, key.role, key.team, str(key.created_at)[:19],
+                                  str(key.revoked_at)[:19] if key.revoked_at else "")))
+
+
+@qc_app.command("score")
+def qc_score(
+    files: Annotated[list[Path], typer.Argument(help="image files", exists=True, dir_okay=False)],
+    prompt: Annotated[Optional[str], typer.Option(help="the prompt they were made from")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object per file")] = False,
+) -> None:
+    """QC verdict, reasons and metrics of image files (checked together, so duplicates are found)."""
+    from qc.cli import score_files
+
+    rows = score_files(files, prompt=prompt)
+    for row in rows:
+        if as_json:
+            typer.echo(json.dumps(row, default=str))
+        else:
+            reasons = ",".join(row.get("reasons") or []) or "-"
+            console.print(f"{row['path']}: {row.get('verdict', 'error')} {reasons} {row.get('error', '')}".rstrip(),
+                          highlight=False)
+    verdicts = [row.get("verdict", "error") for row in rows]
+    console.print("RESULT " + " ".join(f"{v}={verdicts.count(v)}" for v in ("pass", "review", "reject", "error")),
+                  highlight=False)
+
+
+@train_app.command("tiny", context_settings=PASSTHROUGH)
+def train_tiny(ctx: typer.Context) -> None:
+    """The tiny model's recipe (python -m instaflow.tiny train; options pass through, e.g. --quick)."""
+    raise typer.Exit(_tiny("train", ctx.args))
+
+
+@eval_app.command("tiny", context_settings=PASSTHROUGH)
+def eval_tiny(ctx: typer.Context) -> None:
+    """The tiny model's evaluation table (python -m instaflow.tiny eval; options pass through)."""
+    raise typer.Exit(_tiny("eval", ctx.args))
+
+
+def _tiny(command: str, args: list[str]) -> int:
+    try:
+        from instaflow.tiny.__main__ import main
+    except ImportError as error:
+        console.print(f"[red]error:[/] the tiny model's recipe is not installed: {error}")
+        return 2
+    return main([command, *args]) or 0
+
+
+def _migrate_embedded() -> None:
+    """An embedded SQLite ledger is migrated on first use; PostgreSQL is migrated by `db upgrade`."""
+    from core.migrate import upgrade
+    from core.settings import get_settings
+
+    if get_settings().uses_sqlite:
+        upgrade()
+
+
+def _safe_url(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+if __name__ == "__main__":
+    app()
