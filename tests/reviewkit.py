@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
 import numpy as np
-from PIL import Image as PILImage
 from sqlalchemy import insert, select, update
 
 from core import ledger
@@ -50,19 +49,17 @@ class Seeded:
         return [i for i in self.image_ids if self.verdicts[i] == "review" and (reason is None or reason in self.reasons[i])]
 
 
-def product_png(index: int, size: int = 64) -> bytes:
-    """A small product-like render (a coloured mug shape on a backdrop); differs per index."""
-    try:
-        from instaflow.tiny.prompts import TRAIN_COMBOS, random_attributes
-        from instaflow.tiny.render import render
+def product_render(index: int) -> tuple[bytes, str]:
+    """A tiny-model training render (64x64 PNG) and a caption of it; differs per index."""
+    from instaflow.tiny.prompts import TRAIN_COMBOS, make_caption, random_attributes
+    from instaflow.tiny.render import render
 
-        rng = np.random.default_rng(index)
-        picture = render(random_attributes(rng, TRAIN_COMBOS), rng).resize((size, size))
-    except ImportError:  # pragma: no cover - the tiny model's renderer is part of the repo
-        picture = PILImage.new("RGB", (size, size), ((37 * index) % 256, (91 * index) % 256, 160))
+    rng = np.random.default_rng(index)
+    attributes = random_attributes(rng, TRAIN_COMBOS)
+    picture = render(attributes, rng)
     buffer = io.BytesIO()
     picture.save(buffer, "PNG")
-    return buffer.getvalue()
+    return buffer.getvalue(), make_caption(attributes, rng)
 
 
 def seed_batch(team: str, verdicts: Sequence[tuple[str, Sequence[str]]], *, name: str = "review test",
@@ -71,8 +68,9 @@ def seed_batch(team: str, verdicts: Sequence[tuple[str, Sequence[str]]], *, name
     """A finished batch with one image per ``(verdict, reasons)``, created ``step`` apart from
     ``start`` (``same_time_pairs``: every two images share a timestamp, to exercise the id tiebreak)."""
     store = get_store()
-    specs = [ledger.ItemSpec(prompt=f"a red ceramic mug, product photo {i}", external_id=f"sku-{i}", seed=i)
-             for i in range(len(verdicts))]
+    renders = [product_render(i) for i in range(len(verdicts))] if with_png else []
+    prompts = [caption for _, caption in renders] or [f"a red ceramic mug, product photo {i}" for i in range(len(verdicts))]
+    specs = [ledger.ItemSpec(prompt=prompt, external_id=f"sku-{i}", seed=i) for i, prompt in enumerate(prompts)]
     with session_scope() as session:
         batch, _ = ledger.submit_batch(session, ledger.BatchSpec(name=name, items=specs), team=team, actor="test")
         session.flush()
@@ -83,7 +81,7 @@ def seed_batch(team: str, verdicts: Sequence[tuple[str, Sequence[str]]], *, name
             image_id = new_id()
             key = f"batches/{batch.id}/{item.seq:06d}-{item.id}/0.png"
             if with_png:
-                store.put(key, product_png(position), {"item_id": item.id})
+                store.put(key, renders[position][0], {"item_id": item.id})
             tick = position // 2 if same_time_pairs else position
             image_rows.append({
                 "id": image_id, "item_id": item.id, "batch_id": batch.id, "index": 0, "seed": item.seed,

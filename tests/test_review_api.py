@@ -80,7 +80,7 @@ def test_queue_lists_flagged_undecided_images_oldest_first_with_paging_and_filte
 
     entry = queue(api, limit=1, batch_id=mine.batch_id)["entries"][0]
     assert entry["image_id"] == mine.flagged()[0] and entry["batch_id"] == mine.batch_id
-    assert entry["prompt"].startswith("a red ceramic mug") and entry["team"] == api.team
+    assert entry["prompt"] and entry["team"] == api.team
     assert entry["verdict"] == "review" and entry["reasons"] == mine.reasons[entry["image_id"]]
     finding = entry["findings"][0]
     assert [f["scorer"] for f in entry["findings"]] == [finding["scorer"]] and finding["scorer"] in ("sharpness", "duplicate")

@@ -144,6 +144,12 @@ function formatValue(value) {
   return String(value);
 }
 
+function describeAttributes(attributes) {
+  // The attribute judge: what the prompt asked for against what the image shows.
+  return Object.entries(attributes || {}).map(([name, graded]) =>
+    `${name}: wanted ${graded.wanted} (p ${formatValue(graded.p_wanted)}), seen ${graded.seen}`);
+}
+
 function metricsTable(entry) {
   const rows = [];
   const flagged = new Set();
@@ -151,7 +157,8 @@ function metricsTable(entry) {
     const limits = Object.entries(finding.thresholds || {}).map(([k, v]) => `${k} ${formatValue(v)}`).join(", ");
     const values = Object.entries(finding.metrics || {})
       .filter(([, v]) => typeof v !== "object" || v === null)
-      .map(([k, v]) => `${k} ${formatValue(v)}`).join(", ");
+      .map(([k, v]) => `${k} ${formatValue(v)}`)
+      .concat(describeAttributes(finding.metrics?.attributes)).join(", ");
     rows.push(el("tr", { class: "flagged" },
       el("td", { text: `${finding.scorer}: ${finding.reasons.join(", ")}` }),
       el("td", { text: values }),
@@ -217,7 +224,7 @@ function moveFocus(index) {
   state.focus = index;
   const card = state.cards[index];
   card.el.classList.add("focused");
-  card.el.scrollIntoView({ block: "nearest", behavior: "smooth" });
+  card.el.scrollIntoView({ block: "center" });  // instant: j/j/j must not lag behind the keys
   maybeLoadMore();
 }
 
