@@ -1,0 +1,88 @@
+"""Regenerate end to end with a real Celery worker: a reviewer's decision over HTTP becomes a new
+image for the same item (new seed, linked to its parent, checked by QC again), exactly once."""
+from __future__ import annotations
+
+import hashlib
+import time
+
+import pytest
+import redis
+from sqlalchemy import select
+
+from api.testing import ApiHarness
+from core import review as core_review
+from core.provenance import read_png_provenance
+from models import AuditEvent, Image, QcResult
+from tests.workerkit import Stack, build_stack, running_worker
+from worker.regenerate import regenerate_image, register_regenerate_task
+
+
+@pytest.fixture
+def embedded(configure, random_checkpoint) -> Stack:
+    return build_stack(configure, INSTABATCH_MODEL=str(random_checkpoint))
+
+
+@pytest.fixture
+def real(configure, random_checkpoint, pg_url, redis_url, s3_server, s3_bucket) -> Stack:
+    redis.Redis.from_url(redis_url).flushdb()
+    return build_stack(configure, INSTABATCH_MODEL=str(random_checkpoint), DATABASE_URL=pg_url,
+                       BROKER_URL=redis_url, S3_BUCKET=s3_bucket, S3_ENDPOINT_URL=s3_server)
+
+
+@pytest.fixture(params=["embedded", "real"])
+def stack(request) -> Stack:
+    stack = request.getfixturevalue(request.param)
+    register_regenerate_task(stack.app, stack.app.instabatch)  # what worker/app.py does
+    return stack
+
+
+def wait_for_image(stack: Stack, image_id: str, timeout: float = 120.0) -> Image:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with stack.sessions() as session:
+            image = session.get(Image, image_id)
+        if image is not None:
+            return image
+        time.sleep(0.2)
+    raise TimeoutError(f"image {image_id} did not appear in {timeout}s")
+
+
+def test_regenerate_makes_a_linked_image_that_goes_through_qc_once(stack: Stack):
+    api = ApiHarness.start(team="t")  # the stack submits as team "t"
+    with running_worker(stack):
+        batch_id = stack.submit(["a red mug on a white table"], params={"width": 64, "height": 64})
+        stack.wait_until_done(batch_id)
+        (parent,) = stack.images(batch_id)
+        response = api.post("reviewer", f"/v1/images/{parent.id}/review",
+                            json={"decision": "regenerate", "reason_code": "blurry"})
+        assert response.status_code == 200, response.text
+        request = response.json()["regeneration"]
+        child = wait_for_image(stack, request["new_image_id"])
+
+    assert child.parent_image_id == parent.id and child.item_id == parent.item_id
+    assert child.index == parent.index and child.seed == request["seed"] != parent.seed
+    assert child.qc_verdict in ("pass", "review", "reject") and child.review_status is None
+    assert child.storage_key != parent.storage_key and child.model_id == parent.model_id
+    data = stack.store.get(child.storage_key)
+    assert hashlib.sha256(data).hexdigest() == child.sha256 != parent.sha256
+    assert int(read_png_provenance(data)["seed"]) == child.seed
+    with stack.sessions() as session:
+        assert session.scalar(select(QcResult.id).where(QcResult.image_id == child.id).limit(1)) is not None
+        actions = session.scalars(select(AuditEvent.action).where(AuditEvent.image_id == child.id)
+                                  .order_by(AuditEvent.seq)).all()
+        assert core_review.pending_regenerations(session) == []
+    assert actions == ["qc.verdict", "image.regenerated"]
+    event = stack.events(batch_id, "image.regenerated")[0]
+    assert event.payload["parent_image_id"] == parent.id and event.payload["seed"] == child.seed
+
+    # At-least-once delivery: the same message again changes nothing; a forged seed is refused.
+    ctx = stack.app.instabatch
+    assert regenerate_image(ctx, parent.id, request["seed"])["status"] == "exists"
+    assert regenerate_image(ctx, parent.id, request["seed"] + 1)["status"] == "seed_mismatch"
+    assert regenerate_image(ctx, child.id, 7)["status"] == "no_request"
+    assert len(stack.images(batch_id)) == 2
+    counts = api.get("submitter", f"/v1/batches/{batch_id}").json()["review"]
+    assert counts["regenerated"] == 1 and sum(counts[v] for v in ("pass", "review", "reject")) == 2
+    if child.qc_verdict == "review":  # the new image waits for a reviewer like any other
+        entries = api.get("reviewer", "/v1/review", params={"batch_id": batch_id}).json()["entries"]
+        assert [(e["image_id"], e["parent_image_id"]) for e in entries] == [(child.id, parent.id)]
