@@ -1,0 +1,1 @@
+"""The instabatch command (Typer + Rich): cli.main:app."""
