@@ -189,3 +189,37 @@ def test_the_webhook_hears_about_completion_and_a_dead_receiver_fails_nothing(em
         server.shutdown()
     assert [message["batch_id"] for message in received] == [heard]
     assert received[0]["status"] == "succeeded" and received[0]["counts"]["succeeded"] == 2
+
+
+def test_a_storage_outage_fails_no_item_the_chunk_goes_back_to_the_queue(embedded: Stack, monkeypatch):
+    store = embedded.store
+    original = type(store).put
+    outages = []
+
+    def put_with_one_outage(self, key, data, metadata, content_type="image/png"):
+        if not outages:
+            outages.append(key)
+            raise OSError("object store unreachable")
+        return original(self, key, data, metadata, content_type)
+
+    monkeypatch.setattr(type(store), "put", put_with_one_outage)
+    with running_worker(embedded):
+        batch_id = embedded.submit(PROMPTS[:3], chunk_images=4)
+        counts = embedded.wait_until_done(batch_id)
+    assert outages and counts["succeeded"] == 3
+    assert [item.attempts for item in embedded.items(batch_id)] == [2, 2, 2]  # given back, then run again
+    assert len(embedded.images(batch_id)) == 3 and not embedded.events(batch_id, "item.failed")
+
+
+def test_refine_runs_after_generation_and_is_recorded(configure, random_checkpoint):
+    stack = build_stack(configure, INSTABATCH_MODEL=str(random_checkpoint), INSTABATCH_REFINER=str(random_checkpoint))
+    with running_worker(stack):
+        batch_id = stack.submit(PROMPTS[:2], params={"refine": {"enabled": True, "strength": 0.5, "steps": 2}})
+        counts = stack.wait_until_done(batch_id)
+    assert counts["succeeded"] == 2
+    for image in stack.images(batch_id):
+        assert image.refine["strength"] == 0.5 and image.refine["steps"] == 2
+        assert image.refine["refiner_weights_sha256"] == image.weights_sha256  # the same random checkpoint
+        assert "refine" in image.timings
+        assert "refiner_model" in read_png_provenance(stack.store.get(image.storage_key))
+    assert stack.events(batch_id, "item.generated")[0].payload["refine"]["steps"] == 2
