@@ -25,7 +25,7 @@ from datetime import datetime, timedelta, timezone
 from enum import StrEnum
 from typing import Any, Protocol
 
-from sqlalchemy import Select, and_, exists, func, or_, select, type_coerce, update
+from sqlalchemy import and_, exists, func, or_, select, type_coerce, update
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
@@ -245,33 +245,36 @@ def has_reason(session: Session, reason: str) -> Any:
     return exists(select(1).select_from(reasons).where(reasons.c.value == reason))
 
 
-def queue_query(session: Session, *, after: QueuePosition | None = None, batch_id: str | None = None,
-                reason: str | None = None, team: str | None = None) -> Select:
-    """(Image, Item, Batch) rows awaiting review, oldest first."""
-    query = (
-        select(Image, Item, Batch)
-        .join(Item, Item.id == Image.item_id)
-        .join(Batch, Batch.id == Image.batch_id)
-        .where(awaiting_review())
-    )
+def queue_conditions(session: Session, *, after: QueuePosition | None = None, batch_id: str | None = None,
+                     reason: str | None = None, team: str | None = None) -> list[Any]:
+    """WHERE clauses on ``images`` alone, so the planner walks ``ix_images_review_queue``."""
+    conditions = [awaiting_review()]
     if after is not None:
-        # The redundant ">=" lets the planner walk the (verdict, status, created_at) index from there.
-        query = query.where(Image.created_at >= after.created_at, or_(
+        # The redundant ">=" lets the planner start the index walk at the position.
+        conditions += [Image.created_at >= after.created_at, or_(
             Image.created_at > after.created_at,
             and_(Image.created_at == after.created_at, Image.id > after.image_id),
-        ))
+        )]
     if batch_id is not None:
-        query = query.where(Image.batch_id == batch_id)
+        conditions.append(Image.batch_id == batch_id)
     if reason is not None:
-        query = query.where(has_reason(session, reason))
+        conditions.append(has_reason(session, reason))
     if team is not None:
-        query = query.where(Batch.team == team)
-    return query.order_by(Image.created_at, Image.id)
+        conditions.append(Image.batch_id.in_(select(Batch.id).where(Batch.team == team)))
+    return conditions
 
 
 def queue_page(session: Session, limit: int, **filters: Any) -> tuple[list[Any], QueuePosition | None]:
-    """One page of the queue and the position to continue from (None on the last page)."""
-    rows = session.execute(queue_query(session, **filters).limit(limit + 1)).all()
+    """One page of (Image, Item, Batch) rows awaiting review, oldest first, and the position to
+    continue from (None on the last page). The page's ids are chosen on ``images`` alone; only
+    those rows are joined to their items and batches."""
+    page_ids = (select(Image.id).where(*queue_conditions(session, **filters))
+                .order_by(Image.created_at, Image.id).limit(limit + 1).subquery())
+    rows = session.execute(
+        select(Image, Item, Batch).join(page_ids, page_ids.c.id == Image.id)
+        .join(Item, Item.id == Image.item_id).join(Batch, Batch.id == Image.batch_id)
+        .order_by(Image.created_at, Image.id)
+    ).all()
     more = len(rows) > limit
     rows = rows[:limit]
     last = rows[-1].Image if more and rows else None
@@ -279,8 +282,7 @@ def queue_page(session: Session, limit: int, **filters: Any) -> tuple[list[Any],
 
 
 def queue_size(session: Session, **filters: Any) -> int:
-    query = queue_query(session, **filters).order_by(None).with_only_columns(func.count(Image.id))
-    return session.scalar(query) or 0
+    return session.scalar(select(func.count()).select_from(Image).where(*queue_conditions(session, **filters))) or 0
 
 
 # -- counts ------------------------------------------------------------------------------
