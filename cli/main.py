@@ -58,6 +58,8 @@ def run(
     fresh: Annotated[bool, typer.Option("--fresh", help="a new batch, even if this file ran before")] = False,
     worker: Annotated[bool, typer.Option(help="start a worker (--no-worker: one is already running)")] = True,
     timeout: Annotated[Optional[float], typer.Option(help="give up after this many seconds")] = None,
+    worker_app: Annotated[str, typer.Option(help="the Celery app module the worker runs", hidden=True)]
+    = "worker.celery_app",
 ) -> None:
     """Generate every prompt of FILE into DIR: PNGs plus results.csv. Exit 1 if any item did not succeed."""
     from cli.inputs import InputError
@@ -69,7 +71,7 @@ def run(
     if refine:
         params["refine"] = {"enabled": True}
     options = RunOptions(file=file, out=out, name=name, params=params, fresh=fresh, start_worker=worker,
-                         timeout=timeout)
+                         timeout=timeout, worker_app=worker_app)
     try:
         code = run_batch(options, console, actor=cli_actor())
     except InputError as error:
@@ -104,13 +106,14 @@ def worker_command(
     queues: Annotated[Optional[str], typer.Option(help="comma-separated queues (default: all generate + maintenance)")] = None,
     beat: Annotated[bool, typer.Option(help="also run the sweeper's schedule in this worker")] = False,
     loglevel: Annotated[str, typer.Option(help="log level")] = "INFO",
+    celery_app: Annotated[str, typer.Option("--app", help="the Celery app module")] = "worker.celery_app",
 ) -> None:
     """A Celery worker. Run one per GPU (CUDA_VISIBLE_DEVICES=N) with the solo pool."""
     from cli.supervisor import worker_command as command_for
     from worker.app import WORKER_QUEUES
 
     _migrate_embedded()
-    command = command_for(pool=pool, concurrency=concurrency, loglevel=loglevel, beat=beat,
+    command = command_for(pool=pool, concurrency=concurrency, loglevel=loglevel, beat=beat, app=celery_app,
                           queues=tuple(queues.split(",")) if queues else WORKER_QUEUES)
     os.execv(sys.executable, command)  # signals go straight to Celery (warm shutdown on SIGTERM)
 

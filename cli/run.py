@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from cli.export import export_batch
 from cli.inputs import read_batch
-from cli.supervisor import WorkerProcess
+from cli.supervisor import DEFAULT_APP, WorkerProcess
 from core import ledger
 from core.broker import make_celery
 from core.db import make_engine, session_factory
@@ -52,6 +52,7 @@ class RunOptions:
     start_worker: bool = True
     timeout: float | None = None
     poll_seconds: float = 0.5
+    worker_app: str = DEFAULT_APP
 
 
 def run(options: RunOptions, console: Console, actor: str) -> int:
@@ -67,7 +68,7 @@ def run(options: RunOptions, console: Console, actor: str) -> int:
 
     images_before = images_of(sessions, batch_id)
     started = time.monotonic()
-    worker = WorkerProcess(settings.var_dir.resolve() / "logs" / "run-worker.log")
+    worker = WorkerProcess(settings.var_dir.resolve() / "logs" / "run-worker.log", app=options.worker_app)
     try:
         if options.start_worker and active_items(sessions, batch_id):
             worker.start()

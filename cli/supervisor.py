@@ -17,9 +17,13 @@ from pathlib import Path
 from worker.app import WORKER_QUEUES
 
 
+DEFAULT_APP = "worker.celery_app"
+
+
 def worker_command(pool: str = "solo", concurrency: int = 1, loglevel: str = "WARNING",
-                   queues: tuple[str, ...] = WORKER_QUEUES, beat: bool = False, name: str | None = None) -> list[str]:
-    command = [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--pool", pool,
+                   queues: tuple[str, ...] = WORKER_QUEUES, beat: bool = False, name: str | None = None,
+                   app: str = DEFAULT_APP) -> list[str]:
+    command = [sys.executable, "-m", "celery", "-A", app, "worker", "--pool", pool,
                "--concurrency", str(concurrency), "-Q", ",".join(queues), "--loglevel", loglevel]
     if name:
         command += ["-n", name]
@@ -29,8 +33,9 @@ def worker_command(pool: str = "solo", concurrency: int = 1, loglevel: str = "WA
 
 
 class WorkerProcess:
-    def __init__(self, log_path: Path, env: dict[str, str] | None = None):
+    def __init__(self, log_path: Path, env: dict[str, str] | None = None, app: str = DEFAULT_APP):
         self.log_path = log_path
+        self.app = app
         self.env = env or dict(os.environ)
         self.process: subprocess.Popen | None = None
         self.starts = 0
@@ -38,7 +43,7 @@ class WorkerProcess:
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         # The gossip/mingle/heartbeat chatter is for clusters; this worker serves one command.
-        command = worker_command(name=f"run-{os.getpid()}-{self.starts}@%h") + [
+        command = worker_command(name=f"run-{os.getpid()}-{self.starts}@%h", app=self.app) + [
             "--without-heartbeat", "--without-mingle", "--without-gossip"]
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT,

@@ -170,3 +170,19 @@ def test_db_upgrade_migrates_the_configured_database(cli_env: CliRunner, tmp_pat
         tables = {row[0] for row in conn.execute(text("SELECT name FROM sqlite_master WHERE type='table'"))}
     engine.dispose()
     assert {"batches", "items", "images", "audit_events", "outbox"} <= tables
+
+
+def test_run_survives_a_prompt_that_kills_its_worker(tmp_path, embedded_env):
+    """The worker process dies on one prompt (os._exit); run requeues what it held, restarts it, and
+    after the attempt cap that prompt is dead while its chunk neighbours succeed."""
+    from tests.worker_fault_app import CRASH_MARKER
+
+    rows = [("ok-1", "a red mug", 1), ("boom", f"a {CRASH_MARKER} vase", 2), ("ok-2", "a blue cup", 3)]
+    prompts = write_csv(tmp_path / "prompts.csv", rows)
+    result = instabatch(embedded_env, "run", str(prompts), "--out", str(tmp_path / "out"),
+                        "--worker-app", "tests.worker_fault_app", "--timeout", "400", timeout=500)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stdout.count("worker exited") == 3
+    states = {row["external_id"]: row for row in read_results(tmp_path / "out")}
+    assert states["boom"]["state"] == "dead" and "dead after 3 attempts" in states["boom"]["error"]
+    assert states["ok-1"]["state"] == states["ok-2"]["state"] == "succeeded"

@@ -60,6 +60,7 @@ def test_a_prompt_that_kills_the_worker_ends_dead_and_its_neighbours_succeed(rea
     items = {item.prompt: item for item in real.items(batch_id)}
     killer = items[prompts[2]]
     assert killer.state == "dead" and killer.attempts == 3 and "dead after 3 attempts" in killer.error
+    assert all(item.attempts <= 2 for item in items.values() if item is not killer)  # never blamed for it
     assert len(real.images(batch_id)) == 4
     assert len(real.events(batch_id, "item.dead")) == 1
     log = (tmp_path / "worker.log").read_text()

@@ -11,6 +11,7 @@ and run one item at a time, so a prompt that kills the process takes only itself
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections import defaultdict
@@ -109,11 +110,7 @@ class ChunkRunner:
     def run(self, item_ids: Sequence[str]) -> ChunkReport:
         try:
             self._settle(item_ids)
-            if self._ran_before(item_ids):
-                for item_id in item_ids:  # isolate: whatever killed the last run takes only itself down
-                    self._claim_and_generate([item_id])
-            else:
-                self._claim_and_generate(item_ids)
+            self._claim_and_generate(item_ids, isolate=self._ran_before(item_ids))
         except BaseException:
             self._give_back_held()
             raise
@@ -141,11 +138,18 @@ class ChunkRunner:
                                       Item.state.in_([ItemState.QUEUED.value, ItemState.RUNNING.value])).limit(1)
             ) is not None
 
-    def _claim_and_generate(self, item_ids: Sequence[str]) -> None:
+    def _claim_and_generate(self, item_ids: Sequence[str], isolate: bool) -> None:
+        """Claim the chunk in one UPDATE; generate it by micro-batches, or item by item when isolating.
+
+        Isolating (some item ran before and never finished: the worker died), every item is held
+        from the start, so a crash leaves them all under this lease for the sweeper to requeue;
+        but an item's attempt is counted only when its own turn comes, so only the item that
+        kills the process runs out of attempts.
+        """
         with self.ctx.sessions() as session:
             items = leases.claim(session, item_ids, owner=self.owner, task_id=self.task_id,
-                                 lease_seconds=self.settings.lease_seconds,
-                                 max_attempts=self.settings.max_attempts, now=utcnow())
+                                 lease_seconds=self.settings.lease_seconds, max_attempts=self.settings.max_attempts,
+                                 now=utcnow(), count_attempt=not isolate)
             session.commit()
         self.held.update(item.id for item in items)
         self.report.claimed += len(items)
@@ -153,7 +157,19 @@ class ChunkRunner:
             self.touched_batches.add(batch_id)
             batch = self._batch(batch_id)
             allowed = self._screen(batch, [item for item in items if item.batch_id == batch_id])
-            self._generate_items(batch, allowed)
+            if not isolate:
+                self._generate_items(batch, allowed)
+                continue
+            for item in allowed:
+                counted = self._count_attempt(item)
+                if counted is not None:
+                    self._generate_items(batch, [counted])
+
+    def _count_attempt(self, item: ClaimedItem) -> ClaimedItem | None:
+        with self.ctx.sessions() as session:
+            attempts = leases.count_attempt(session, item.id, owner=self.owner)
+            session.commit()
+        return None if attempts is None else dataclasses.replace(item, attempts=attempts)
 
     # -- per batch ---------------------------------------------------------------------
 

@@ -87,13 +87,16 @@ def settle_unclaimable(session: Session, item_ids: Sequence[str], task_id: str, 
 
 
 def claim(session: Session, item_ids: Sequence[str], *, owner: str, task_id: str, lease_seconds: int,
-          max_attempts: int, now: datetime) -> list[ClaimedItem]:
-    """Take the claimable items in ONE UPDATE; a duplicate delivery finds nothing and gets []."""
+          max_attempts: int, now: datetime, count_attempt: bool = True) -> list[ClaimedItem]:
+    """Take the claimable items in ONE UPDATE; a duplicate delivery finds nothing and gets [].
+
+    ``count_attempt=False`` holds the items without counting an attempt yet (see count_attempt).
+    """
     rows = session.execute(
         update(Item)
         .where(_claimable(item_ids, task_id, now), Item.attempts < max_attempts,
                Item.batch_id.not_in(_cancelled_batches()))
-        .values(state=RUNNING, attempts=Item.attempts + 1, lease_owner=owner,
+        .values(state=RUNNING, attempts=Item.attempts + int(count_attempt), lease_owner=owner,
                 lease_expires_at=now + timedelta(seconds=lease_seconds),
                 started_at=func.coalesce(Item.started_at, now), error=None)
         .returning(Item.id, Item.batch_id, Item.seq, Item.external_id, Item.prompt, Item.seed,
@@ -101,6 +104,14 @@ def claim(session: Session, item_ids: Sequence[str], *, owner: str, task_id: str
         .execution_options(**NO_SYNC)
     ).all()
     return sorted((ClaimedItem(*row) for row in rows), key=lambda item: (item.batch_id, item.seq))
+
+
+def count_attempt(session: Session, item_id: str, *, owner: str) -> int | None:
+    """Count one attempt on an item this worker holds, right before generating it; its new count."""
+    return session.execute(
+        update(Item).where(Item.id == item_id, Item.state == RUNNING, Item.lease_owner == owner)
+        .values(attempts=Item.attempts + 1).returning(Item.attempts).execution_options(**NO_SYNC)
+    ).scalar()
 
 
 def renew(session: Session, item_ids: Sequence[str], *, owner: str, lease_seconds: int, now: datetime) -> int:
