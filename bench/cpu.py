@@ -24,9 +24,6 @@ STAGES = ("generate", "refine", "encode", "store", "qc", "ledger")
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    import torch
-
-    torch.set_num_threads(args.threads)
     workdir = Path(tempfile.mkdtemp(prefix="instabatch-bench-"))
     model = args.model or default_model(workdir)
     print(f"model={model} items={args.items} micro_batch={args.micro_batch} size={args.size} threads={args.threads}")
@@ -44,7 +41,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--size", type=int, default=None, help="image side (default: the model's)")
     parser.add_argument("--model", type=Path, default=None, help="checkpoint folder (default: the tiny model, "
                                                                   "else a random tiny checkpoint)")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads in the worker "
+                        "(INSTABATCH_TORCH_THREADS); on a busy shared CPU more threads can be much slower")
     parser.add_argument("--mode", choices=("direct", "celery", "both"), default="both")
     return parser.parse_args(argv)
 
@@ -66,6 +64,7 @@ def configure(args: argparse.Namespace, model: Path, var_dir: Path):
     from core.settings import get_settings
 
     os.environ.update(INSTABATCH_VAR_DIR=str(var_dir), INSTABATCH_MODEL=str(model),
+                      INSTABATCH_TORCH_THREADS=str(args.threads),
                       INSTABATCH_MICRO_BATCH=str(args.micro_batch), INSTABATCH_CHUNK_IMAGES=str(args.micro_batch))
     get_settings.cache_clear()
     db.engine_for.cache_clear()

@@ -38,6 +38,9 @@ class Settings(BaseSettings):
     refiner_path: Path = Field(TINY_REFINER_DIR, alias="INSTABATCH_REFINER")
     device: str | None = Field(None, alias="INSTABATCH_DEVICE")
     micro_batch: int = Field(16, alias="INSTABATCH_MICRO_BATCH", ge=1, le=1024)
+    # CPU threads for torch in a worker (None: torch's default, one per core). On a CPU shared with
+    # other busy processes, 1 can be many times faster than the default.
+    torch_threads: int | None = Field(None, alias="INSTABATCH_TORCH_THREADS", ge=1)
 
     # Submission limits: bad input is a clear 4xx, never a half-written batch.
     max_items_per_batch: int = Field(50_000, alias="MAX_ITEMS_PER_BATCH")

@@ -109,6 +109,7 @@ class Engine:
 
     def generate(self, prompts: Sequence[str], seeds: Sequence[int], params: GenerationParams) -> Rendered:
         """One batched forward pass (per Euler step) for all prompts; refine after it when asked."""
+        self._apply_thread_limit()
         started = time.perf_counter()
         fixed = self.settings.micro_batch if self.settings.pad_micro_batch else None
         out = self.pipe(
@@ -127,6 +128,14 @@ class Engine:
             flags = [a or b for a, b in zip(flags, refined.nsfw_flags)]
             seconds["refine"] = time.perf_counter() - started
         return Rendered(images=images, nsfw_flags=flags, seconds=seconds)
+
+    def _apply_thread_limit(self) -> None:
+        threads = self.settings.torch_threads
+        if threads:
+            import torch
+
+            if torch.get_num_threads() != threads:
+                torch.set_num_threads(threads)
 
     def refiner_identity(self) -> dict[str, str]:
         return {"refiner_model": self.refiner.model_id, "refiner_weights_sha256": self.refiner.weights_sha256}
