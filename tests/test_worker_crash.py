@@ -65,3 +65,33 @@ def test_a_prompt_that_kills_the_worker_ends_dead_and_its_neighbours_succeed(rea
     assert len(real.events(batch_id, "item.dead")) == 1
     log = (tmp_path / "worker.log").read_text()
     assert "WorkerLostError" in log or "exited with 'exitcode 13'" in log
+
+
+@pytest.fixture
+def short_limits(configure, random_checkpoint, pg_url, redis_url, s3_server, s3_bucket) -> Stack:
+    redis.Redis.from_url(redis_url).flushdb()
+    return build_stack(configure, INSTABATCH_MODEL=str(random_checkpoint), DATABASE_URL=pg_url,
+                       BROKER_URL=redis_url, S3_BUCKET=s3_bucket, S3_ENDPOINT_URL=s3_server, MAX_ATTEMPTS="3",
+                       INSTABATCH_CHUNK_IMAGES="8", OMP_NUM_THREADS="1", TASK_SOFT_TIME_LIMIT="4",
+                       TASK_TIME_LIMIT="40", VISIBILITY_TIMEOUT="60", LEASE_SECONDS="90")
+
+
+def test_an_item_that_outlasts_the_soft_time_limit_is_given_back_then_dead_its_neighbours_succeed(
+        short_limits: Stack, tmp_path):
+    from tests.worker_fault_app import SLOW_MARKER
+
+    prompts = ["a red mug", f"a {SLOW_MARKER} vase", "a green lamp"]
+    batch_id = short_limits.submit(prompts)
+    worker = start_celery_worker("tests.worker_fault_app", tmp_path / "worker.log")
+    try:
+        counts = short_limits.wait_until_done(batch_id, timeout=300)
+    except TimeoutError:
+        print((tmp_path / "worker.log").read_text()[-5000:])
+        raise
+    finally:
+        stop(worker)
+
+    assert counts["succeeded"] == 2 and counts["dead"] == 1, counts
+    slow = next(item for item in short_limits.items(batch_id) if SLOW_MARKER in item.prompt)
+    assert slow.state == "dead" and "SoftTimeLimitExceeded" in slow.error
+    assert not short_limits.events(batch_id, "item.failed")  # a deadline is not the item's fault

@@ -1,19 +1,25 @@
 """``celery -A tests.worker_fault_app worker``: the real worker app, except that its engine kills
-its own process (``os._exit``) on a prompt carrying CRASH_MARKER. For the crash tests only."""
+its own process (``os._exit``) on a prompt carrying CRASH_MARKER and dawdles on one carrying
+SLOW_MARKER. For the crash and time-limit tests only."""
 from __future__ import annotations
 
 import os
+import time
 
 from worker.app import create_app
 from worker.engine import Engine
 
 CRASH_MARKER = "CRASH-THE-WORKER"
+SLOW_MARKER = "TAKE-YOUR-TIME"
+SLOW_SECONDS = 20
 _generate = Engine.generate
 
 
 def _generate_or_die(self, prompts, seeds, params):
     if any(CRASH_MARKER in prompt for prompt in prompts):
         os._exit(13)  # what a segfault or the OOM killer does: no exception, no cleanup
+    if any(SLOW_MARKER in prompt for prompt in prompts):
+        time.sleep(SLOW_SECONDS)  # longer than the tests' soft time limit
     return _generate(self, prompts, seeds, params)
 
 

@@ -4,15 +4,17 @@ Run one worker process per GPU with the solo pool (the default of ``instabatch w
 
     celery -A worker.celery_app worker --pool solo -Q generate.high,generate,generate.low,maintenance
 
-The model loads lazily in the process that runs the first task, never in a prefork parent
-(a forked child cannot use CUDA initialised before the fork). Solo has no time limits and no
-child recycling; the task enforces nothing itself but the lease, which it renews between
-micro-batches. With ``--pool prefork`` the time limits apply and a child that dies is replaced;
-its chunk is redelivered (``task_reject_on_worker_lost``) and run one item at a time.
+The model is never loaded in a prefork parent (a forked child cannot use CUDA initialised
+before the fork): solo loads it on the first task, a prefork child as it starts. Solo has no
+time limits and no child recycling; the task renews its lease between micro-batches. With
+``--pool prefork`` the time limits apply: at the soft limit the task gives its unfinished items
+back to the queue; a child that dies is replaced and its chunk is redelivered
+(``task_reject_on_worker_lost``) and run one item at a time.
 """
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 from celery import Celery, signals
@@ -57,6 +59,15 @@ def create_app(settings: Settings | None = None) -> Celery:
     def sweep_expired() -> dict[str, int]:
         report = sweep(ctx.sessions, app, settings)
         return {"requeued": len(report.requeued), "dead": len(report.dead), "dispatched": report.dispatched}
+
+    @signals.worker_process_init.connect(weak=False)
+    def load_model_in_child(**_: Any) -> None:
+        """A prefork child loads the model as it starts, so the load never eats into a task's time
+        limits. Only children get this signal: the parent never touches the model (nor CUDA)."""
+        try:
+            ctx.engine.load()
+        except Exception:  # the first task will fail to load it too, and give its items back
+            log.exception("could not load the model in worker process %s", os.getpid())
 
     @signals.worker_ready.connect(weak=False)
     def sweep_at_start(sender: Any = None, **_: Any) -> None:

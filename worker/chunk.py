@@ -18,6 +18,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
+from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import select
 
 from core import audit
@@ -111,8 +112,8 @@ class ChunkRunner:
         try:
             self._settle(item_ids)
             self._claim_and_generate(item_ids, isolate=self._ran_before(item_ids))
-        except BaseException:
-            self._give_back_held()
+        except BaseException as error:
+            self._give_back_held(error)
             raise
         for batch_id in sorted(self.touched_batches):
             complete_if_done(self.ctx.sessions, batch_id, actor=self.actor,
@@ -153,6 +154,8 @@ class ChunkRunner:
             session.commit()
         self.held.update(item.id for item in items)
         self.report.claimed += len(items)
+        if items:
+            self.ctx.engine.load()  # a model that cannot load is the worker's fault: raise, give back
         for batch_id in dict.fromkeys(item.batch_id for item in items):
             self.touched_batches.add(batch_id)
             batch = self._batch(batch_id)
@@ -219,6 +222,8 @@ class ChunkRunner:
         started = time.perf_counter()
         try:
             rendered = self._render(batch, group)
+        except SoftTimeLimitExceeded:  # the task's deadline, not the items' fault: give them back
+            raise
         except Exception as error:  # the engine's or the encoder's: an item's problem, not the worker's
             if len(group) > 1:
                 log.warning("micro-batch of %d items failed (%s); retrying them one by one", len(group), error)
@@ -287,6 +292,8 @@ class ChunkRunner:
                                      [image.item.prompt for image in stored],
                                      nsfw_flags=[image.rendered.nsfw for image in stored],
                                      known_hashes=self._known_hashes[batch.id])
+        except SoftTimeLimitExceeded:
+            raise
         except Exception:  # QC never fails generation: the images go to a human instead
             log.exception("QC failed for %d images of batch %s", len(stored), batch.id)
             outcomes = [None] * len(stored)
@@ -394,14 +401,15 @@ class ChunkRunner:
         self.held.difference_update(item.id for item in items)
         self.report.cancelled += len(owned)
 
-    def _give_back_held(self) -> None:
-        """The task is failing (time limit, storage or database outage): requeue what it still holds."""
+    def _give_back_held(self, error: BaseException) -> None:
+        """The task is failing (time limit, model, storage or database trouble): requeue what it holds."""
         if not self.held:
             return
+        reason = f"given back by {self.worker}: {type(error).__name__}: {error}"[:ERROR_CHARS]
         try:
             with self.ctx.sessions() as session:
                 requeued = leases.release(session, list(self.held), owner=self.owner,
-                                          chunk_images=self.settings.chunk_images)
+                                          chunk_images=self.settings.chunk_images, reason=reason)
                 session.commit()
             log.warning("gave back %d items to the queue", len(requeued))
             dispatch_pending(self.ctx.sessions, self.ctx.celery)

@@ -91,6 +91,10 @@ class Engine:
             log.info("loaded model %s in %.1fs", self._pipe.model_id, time.perf_counter() - started)
         return self._pipe
 
+    def load(self) -> None:
+        """Load the model now (it loads on first use otherwise)."""
+        self.pipe
+
     @property
     def refiner(self) -> Any:
         if self._refiner is None:

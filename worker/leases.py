@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Sequence
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import and_, func, literal, or_, select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -68,6 +68,11 @@ def dead_error(max_attempts: int) -> str:
     )
 
 
+def dead_error_with_last(max_attempts: int) -> ColumnElement[str]:
+    """The dead error, followed by what the last attempt left in the error column (if anything)."""
+    return literal(dead_error(max_attempts)) + func.coalesce(literal("; last: ") + Item.error, literal(""))
+
+
 def settle_unclaimable(session: Session, item_ids: Sequence[str], task_id: str, max_attempts: int,
                        now: datetime) -> Settled:
     """End the claimable items that must not run: those of cancelled batches, those out of attempts."""
@@ -79,7 +84,7 @@ def settle_unclaimable(session: Session, item_ids: Sequence[str], task_id: str, 
     ).all()
     dead = session.execute(
         update(Item).where(claimable, Item.attempts >= max_attempts)
-        .values(state=ItemState.DEAD.value, finished_at=now, error=dead_error(max_attempts),
+        .values(state=ItemState.DEAD.value, finished_at=now, error=dead_error_with_last(max_attempts),
                 lease_owner=None, lease_expires_at=None)
         .returning(Item.id, Item.batch_id).execution_options(**NO_SYNC)
     ).all()
@@ -139,11 +144,16 @@ def finish(session: Session, item_ids: Sequence[str], *, owner: str, state: Item
     return set(rows)
 
 
-def requeue(session: Session, condition: ColumnElement[bool], *, chunk_images: int) -> list[str]:
-    """Put running items matching ``condition`` back in the queue, with fresh outbox chunks."""
+def requeue(session: Session, condition: ColumnElement[bool], *, chunk_images: int,
+            note: str | None = None) -> list[str]:
+    """Put running items matching ``condition`` back in the queue, with fresh outbox chunks.
+
+    ``note`` (why) stays in the item's error column while it waits, and ends up in the dead
+    error if the item never gets further.
+    """
     rows = session.execute(
         update(Item).where(condition, Item.state == RUNNING)
-        .values(state=QUEUED, lease_owner=None, lease_expires_at=None)
+        .values(state=QUEUED, lease_owner=None, lease_expires_at=None, error=note)
         .returning(Item.id, Item.batch_id, Item.seq, Item.num_images).execution_options(**NO_SYNC)
     ).all()
     by_batch: dict[str, list[dict[str, Any]]] = {}
@@ -154,9 +164,10 @@ def requeue(session: Session, condition: ColumnElement[bool], *, chunk_images: i
     return [row[0] for row in rows]
 
 
-def release(session: Session, item_ids: Sequence[str], *, owner: str, chunk_images: int) -> list[str]:
+def release(session: Session, item_ids: Sequence[str], *, owner: str, chunk_images: int,
+            reason: str | None = None) -> list[str]:
     """Give back the items this worker holds but did not finish (time limit, storage outage)."""
     if not item_ids:
         return []
     held = and_(Item.id.in_(list(item_ids)), Item.lease_owner == owner)
-    return requeue(session, held, chunk_images=chunk_images)
+    return requeue(session, held, chunk_images=chunk_images, note=reason)

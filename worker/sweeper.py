@@ -25,6 +25,7 @@ from worker.completion import complete_if_done
 
 log = logging.getLogger(__name__)
 ACTOR = "sweeper"
+REQUEUE_NOTE = "requeued by the sweeper: the worker holding it died or stopped renewing its lease"
 
 
 @dataclass
@@ -57,8 +58,8 @@ def sweep(sessions: sessionmaker[Session], celery: Celery | None = None, setting
     with sessions() as session:
         report.cancelled = _end(session, and_(stale, Item.batch_id.in_(_cancelled())), ItemState.CANCELLED, now)
         report.dead = _end(session, and_(stale, Item.attempts >= settings.max_attempts), ItemState.DEAD, now,
-                           error=leases.dead_error(settings.max_attempts))
-        report.requeued = leases.requeue(session, stale, chunk_images=settings.chunk_images)
+                           error=leases.dead_error_with_last(settings.max_attempts))
+        report.requeued = leases.requeue(session, stale, chunk_images=settings.chunk_images, note=REQUEUE_NOTE)
         if report.requeued or report.dead:
             audit.record(session, "items.swept", actor=ACTOR,
                          payload={"requeued": report.requeued, "dead": report.dead, "cancelled": report.cancelled})
@@ -101,7 +102,7 @@ def _cancelled() -> object:
 
 
 def _end(session: Session, condition: ColumnElement[bool], state: ItemState, now: object,
-         error: str | None = None) -> list[str]:
+         error: object = None) -> list[str]:
     return list(session.execute(
         update(Item).where(condition, Item.state == ItemState.RUNNING.value)
         .values(state=state.value, finished_at=now, error=error, lease_owner=None, lease_expires_at=None)
