@@ -24,6 +24,7 @@ from core.broker import GENERATE_TASK, MAINTENANCE_QUEUE, QUEUE_FOR_PRIORITY, SW
 from core.settings import Settings, get_settings
 from worker.chunk import ChunkRunner
 from worker.context import WorkerContext
+from worker.regenerate import register_regenerate_task
 from worker.sweeper import sweep
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,8 @@ def create_app(settings: Settings | None = None) -> Celery:
         report = ChunkRunner(ctx, task.request.id or "local").run(item_ids)
         log.info("chunk done: %s", report.as_dict())
         return report.as_dict()
+
+    register_regenerate_task(app, ctx)  # a reviewer's "regenerate" (worker/regenerate.py)
 
     @app.task(name=SWEEP_TASK, ignore_result=True, shared=False)
     def sweep_expired() -> dict[str, int]:
