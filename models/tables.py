@@ -13,6 +13,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
 )
+from sqlalchemy import text
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from models.base import Base, BigIntPK, JSONType, new_id, utcnow
@@ -102,6 +103,11 @@ class Image(Base):
     __table_args__ = (
         Index("ix_images_batch_verdict", "batch_id", "qc_verdict"),
         Index("ix_images_review_queue", "qc_verdict", "review_status", "created_at"),
+        # The QA queue pages by (created_at, id) over undecided review images only; a partial
+        # index keeps that a range scan however many images have passed or been decided.
+        Index("ix_images_awaiting_review", "created_at", "id",
+              postgresql_where=text("qc_verdict = 'review' AND review_status IS NULL"),
+              sqlite_where=text("qc_verdict = 'review' AND review_status IS NULL")),
     )
 
     id: Mapped[str] = uuid_pk()

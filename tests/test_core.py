@@ -85,3 +85,17 @@ def test_png_provenance_round_trips_and_is_deterministic():
     data = encode_png(image, provenance)
     assert data == encode_png(image, dict(reversed(provenance.items())))
     assert read_png_provenance(data) == {"prompt": "une tasse rouge ☕", "seed": "42", "model": "tiny"}
+
+
+def test_migrations_build_exactly_the_models_tables(ledger_url):
+    """A model change without its migration (or the reverse) fails here, on both databases."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from models import Base
+
+    engine = make_engine(ledger_url)
+    with engine.connect() as connection:
+        differences = compare_metadata(MigrationContext.configure(connection), Base.metadata)
+    engine.dispose()
+    assert differences == []
