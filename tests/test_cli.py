@@ -39,7 +39,7 @@ def embedded_env(tmp_path, random_checkpoint) -> dict[str, str]:
     env = {name: value for name, value in os.environ.items()
            if name not in ("DATABASE_URL", "BROKER_URL", "S3_BUCKET", "S3_ENDPOINT_URL")}
     env.update(INSTABATCH_VAR_DIR=str(tmp_path / "var"), INSTABATCH_MODEL=str(random_checkpoint),
-               INSTABATCH_MICRO_BATCH="4", INSTABATCH_CHUNK_IMAGES="4", OMP_NUM_THREADS="1")
+               INSTABATCH_MICRO_BATCH="4", INSTABATCH_CHUNK_IMAGES="4", INSTABATCH_TORCH_THREADS="1")
     return env
 
 

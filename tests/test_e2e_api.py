@@ -28,6 +28,7 @@ def test_a_thousand_item_batch_through_the_api_ends_with_every_image_in_the_buck
     with running_worker(stack):
         started = time.monotonic()
         batch = api.submit(body=body, headers={"Idempotency-Key": "thousand"})
+        submitted = time.monotonic() - started
         stack.wait_until_done(batch["id"], timeout=600)
         elapsed = time.monotonic() - started
 
@@ -41,4 +42,5 @@ def test_a_thousand_item_batch_through_the_api_ends_with_every_image_in_the_buck
     for image in random.Random(0).sample(images, 25):
         assert hashlib.sha256(stack.store.get(image.storage_key)).hexdigest() == image.sha256
     assert all(item.attempts == 1 for item in stack.items(batch["id"]))
-    print(f"RESULT e2e_api_items={ITEMS} e2e_api_seconds={elapsed:.1f} e2e_api_images_per_s={ITEMS / elapsed:.1f}")
+    print(f"RESULT e2e_api_items={ITEMS} e2e_api_submit_seconds={submitted:.1f} e2e_api_seconds={elapsed:.1f} "
+          f"e2e_api_images_per_s={ITEMS / elapsed:.1f}")

@@ -35,7 +35,7 @@ def folder_env(tmp_path, random_checkpoint) -> dict[str, str]:
     env = {name: value for name, value in os.environ.items()
            if not name.startswith(("DATABASE_URL", "BROKER_URL", "S3_", "INSTABATCH_"))}
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env.update(INSTABATCH_MODEL=str(random_checkpoint), PYTHONPATH=repo, OMP_NUM_THREADS="1")
+    env.update(INSTABATCH_MODEL=str(random_checkpoint), PYTHONPATH=repo, INSTABATCH_TORCH_THREADS="1")
     return env
 
 

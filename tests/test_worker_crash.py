@@ -24,7 +24,7 @@ def real(configure, random_checkpoint, pg_url, redis_url, s3_server, s3_bucket) 
     redis.Redis.from_url(redis_url).flushdb()
     return build_stack(configure, INSTABATCH_MODEL=str(random_checkpoint), DATABASE_URL=pg_url,
                        BROKER_URL=redis_url, S3_BUCKET=s3_bucket, S3_ENDPOINT_URL=s3_server, MAX_ATTEMPTS="3",
-                       INSTABATCH_CHUNK_IMAGES="8", OMP_NUM_THREADS="1")
+                       INSTABATCH_CHUNK_IMAGES="8", INSTABATCH_TORCH_THREADS="1")
 
 
 def start_celery_worker(app_module: str, log_path, pool: str = "prefork") -> subprocess.Popen:
@@ -72,7 +72,7 @@ def short_limits(configure, random_checkpoint, pg_url, redis_url, s3_server, s3_
     redis.Redis.from_url(redis_url).flushdb()
     return build_stack(configure, INSTABATCH_MODEL=str(random_checkpoint), DATABASE_URL=pg_url,
                        BROKER_URL=redis_url, S3_BUCKET=s3_bucket, S3_ENDPOINT_URL=s3_server, MAX_ATTEMPTS="3",
-                       INSTABATCH_CHUNK_IMAGES="8", OMP_NUM_THREADS="1", TASK_SOFT_TIME_LIMIT="4",
+                       INSTABATCH_CHUNK_IMAGES="8", INSTABATCH_TORCH_THREADS="1", TASK_SOFT_TIME_LIMIT="4",
                        TASK_TIME_LIMIT="40", VISIBILITY_TIMEOUT="60", LEASE_SECONDS="90")
 
 

@@ -88,7 +88,9 @@ def build_stack(configure: Any, **env: str) -> Stack:
     from core.migrate import upgrade
     from worker.app import create_app
 
-    defaults = {"INSTABATCH_MICRO_BATCH": "4", "INSTABATCH_CHUNK_IMAGES": "4", "QC_ALIGNMENT": "none"}
+    # One torch thread: on a CPU shared with other busy processes more threads are many times slower.
+    defaults = {"INSTABATCH_MICRO_BATCH": "4", "INSTABATCH_CHUNK_IMAGES": "4", "QC_ALIGNMENT": "none",
+                "INSTABATCH_TORCH_THREADS": "1"}
     configure(**{**defaults, **env})
     settings = get_settings()
     if settings.uses_sqlite:

@@ -271,11 +271,14 @@ class ChunkRunner:
 
     def _store(self, rendered: list[RenderedImage]) -> list[StoredImage]:
         began = time.perf_counter()
-        stored = []
-        for image in rendered:
+
+        def put(image: RenderedImage) -> StoredImage:
             key = storage_key(image.item.batch_id, image.item.seq, image.item.id, image.index)
-            put = self.ctx.store.put(key, image.png, object_metadata(image.record))
-            stored.append(StoredImage(new_id(), image, key, put.sha256))
+            result = self.ctx.store.put(key, image.png, object_metadata(image.record))
+            return StoredImage(new_id(), image, key, result.sha256)
+
+        # Uploads are network-bound: several at once (boto3 clients are thread-safe).
+        stored = list(self.ctx.uploads.map(put, rendered)) if len(rendered) > 1 else [put(i) for i in rendered]
         elapsed = time.perf_counter() - began
         self.report.seconds["store"] += elapsed
         for image in stored:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from celery import Celery
@@ -19,6 +20,7 @@ from core.storage import ObjectStore, make_store
 from worker.engine import Engine
 
 log = logging.getLogger(__name__)
+UPLOAD_THREADS = 8
 
 
 class WorkerContext:
@@ -35,6 +37,7 @@ class WorkerContext:
         self._engine: Engine | None = None
         self._checker: Any = None
         self._screening: Any = None
+        self._uploads: ThreadPoolExecutor | None = None
 
     def _this_process(self) -> None:
         if self._pid != os.getpid():
@@ -53,6 +56,14 @@ class WorkerContext:
         if self._store is None:
             self._store = make_store(self.settings)
         return self._store
+
+    @property
+    def uploads(self) -> ThreadPoolExecutor:
+        """Threads that write a micro-batch's objects to the store in parallel."""
+        self._this_process()
+        if self._uploads is None:
+            self._uploads = ThreadPoolExecutor(max_workers=UPLOAD_THREADS, thread_name_prefix="upload")
+        return self._uploads
 
     @property
     def engine(self) -> Engine:
