@@ -18,7 +18,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Callable, Optional
 
 import typer
 from rich.console import Console
@@ -219,6 +219,42 @@ def qc_score(
     verdicts = [row.get("verdict", "error") for row in rows]
     console.print("RESULT " + " ".join(f"{v}={verdicts.count(v)}" for v in ("pass", "review", "reject", "error")),
                   highlight=False)
+
+
+@qc_app.command("rejudge")
+def qc_rejudge(
+    batch_id: Annotated[str, typer.Argument(help="the batch to judge again from its stored metrics")],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="show what would change, write nothing")] = False,
+) -> None:
+    """Apply today's QC thresholds to a batch's stored metrics (no image is scored again)."""
+    from qc.ledger_cli import rejudge_batch
+
+    _print_ledger_report(lambda session: rejudge_batch(session, batch_id, actor=cli_actor(), dry_run=dry_run).as_dict())
+
+
+@qc_app.command("calibrate")
+def qc_calibrate(
+    batch_id: Annotated[str, typer.Argument(help="the batch whose score distributions to read")],
+    flag_percent: Annotated[float, typer.Option(help="share of images each threshold should flag")] = 1.0,
+) -> None:
+    """Score distributions of a batch and the percentile thresholds they suggest."""
+    from qc.ledger_cli import calibrate_batch
+
+    _print_ledger_report(lambda session: calibrate_batch(session, batch_id, flag_percent=flag_percent))
+
+
+def _print_ledger_report(build: Callable[[Any], dict]) -> None:
+    from core.db import session_scope
+    from qc.ledger_cli import UnknownBatch
+
+    _migrate_embedded()
+    try:
+        with session_scope() as session:
+            report = build(session)
+    except UnknownBatch as error:
+        console.print(f"[red]error:[/] {error}")
+        raise typer.Exit(2) from None
+    typer.echo(json.dumps(report, indent=2, default=str))
 
 
 @train_app.command("tiny", context_settings=PASSTHROUGH)

@@ -186,3 +186,21 @@ def test_run_survives_a_prompt_that_kills_its_worker(tmp_path, embedded_env):
     states = {row["external_id"]: row for row in read_results(tmp_path / "out")}
     assert states["boom"]["state"] == "dead" and "dead after 3 attempts" in states["boom"]["error"]
     assert states["ok-1"]["state"] == states["ok-2"]["state"] == "succeeded"
+
+
+def test_qc_rejudge_and_calibrate_read_the_ledger(cli_env: CliRunner):
+    from core import ledger
+    from core.db import session_scope
+    from core.migrate import upgrade
+
+    upgrade()
+    with session_scope() as session:
+        batch, _ = ledger.submit_batch(session, ledger.BatchSpec(name="b", items=[ledger.ItemSpec("a red mug")]),
+                                       team="t", actor="test")
+    rejudged = cli_env.invoke(app, ["qc", "rejudge", batch.id, "--dry-run"])
+    assert rejudged.exit_code == 0, rejudged.output
+    assert json.loads(rejudged.output)["batch_id"] == batch.id
+    calibrated = cli_env.invoke(app, ["qc", "calibrate", batch.id])
+    assert calibrated.exit_code == 0, calibrated.output
+    missing = cli_env.invoke(app, ["qc", "rejudge", "no-such-batch"])
+    assert missing.exit_code == 2 and "no-such-batch" in missing.output

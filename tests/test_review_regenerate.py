@@ -14,7 +14,7 @@ from core import review as core_review
 from core.provenance import read_png_provenance
 from models import AuditEvent, Image, QcResult
 from tests.workerkit import Stack, build_stack, running_worker
-from worker.regenerate import regenerate_image, register_regenerate_task
+from worker.regenerate import regenerate_image
 
 
 @pytest.fixture
@@ -31,9 +31,7 @@ def real(configure, random_checkpoint, pg_url, redis_url, s3_server, s3_bucket) 
 
 @pytest.fixture(params=["embedded", "real"])
 def stack(request) -> Stack:
-    stack = request.getfixturevalue(request.param)
-    register_regenerate_task(stack.app, stack.app.instabatch)  # what worker/app.py does
-    return stack
+    return request.getfixturevalue(request.param)
 
 
 def wait_for_image(stack: Stack, image_id: str, timeout: float = 120.0) -> Image:

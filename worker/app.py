@@ -20,7 +20,8 @@ from typing import Any
 from celery import Celery, signals
 from kombu import Queue
 
-from core.broker import GENERATE_TASK, MAINTENANCE_QUEUE, QUEUE_FOR_PRIORITY, SWEEP_TASK, make_celery
+from core.anchors import anchor_chain
+from core.broker import ANCHOR_TASK, GENERATE_TASK, MAINTENANCE_QUEUE, QUEUE_FOR_PRIORITY, SWEEP_TASK, make_celery
 from core.settings import Settings, get_settings
 from worker.chunk import ChunkRunner
 from worker.context import WorkerContext
@@ -37,12 +38,14 @@ def create_app(settings: Settings | None = None) -> Celery:
     app = make_celery(settings)
     app.conf.update(
         task_queues=[Queue(name) for name in WORKER_QUEUES],
-        task_routes={SWEEP_TASK: {"queue": MAINTENANCE_QUEUE}},
+        task_routes={SWEEP_TASK: {"queue": MAINTENANCE_QUEUE}, ANCHOR_TASK: {"queue": MAINTENANCE_QUEUE}},
         # A lazy model load in a prefork child happens in its first task; give children time to boot.
         worker_proc_alive_timeout=120,
         beat_schedule={
             "sweep-expired-leases": {"task": SWEEP_TASK, "schedule": settings.sweep_every_seconds,
                                      "options": {"queue": MAINTENANCE_QUEUE, "expires": settings.sweep_every_seconds}},
+            "anchor-audit-chain": {"task": ANCHOR_TASK, "schedule": settings.anchor_every_seconds,
+                                   "options": {"queue": MAINTENANCE_QUEUE, "expires": settings.anchor_every_seconds}},
         },
         beat_schedule_filename=str(settings.var_dir.resolve() / "celerybeat-schedule"),
     )
@@ -62,6 +65,14 @@ def create_app(settings: Settings | None = None) -> Celery:
     def sweep_expired() -> dict[str, int]:
         report = sweep(ctx.sessions, app, settings)
         return {"requeued": len(report.requeued), "dead": len(report.dead), "dispatched": report.dispatched}
+
+    @app.task(name=ANCHOR_TASK, ignore_result=True, shared=False)
+    def anchor_audit_chain() -> dict[str, Any] | None:
+        """Write the audit chain's head to write-once storage; a broken chain raises, loudly."""
+        with ctx.sessions() as session:
+            result = anchor_chain(session, ctx.store)
+            session.commit()
+        return result and {"seq": result.anchor.seq, "created": result.created}
 
     @signals.worker_process_init.connect(weak=False)
     def load_model_in_child(**_: Any) -> None:

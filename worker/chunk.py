@@ -36,7 +36,6 @@ from worker.version import code_version
 
 log = logging.getLogger(__name__)
 ERROR_CHARS = 2000
-PHASH_COLUMN_CHARS = Image.__table__.c.phash.type.length or 1 << 16
 
 
 @dataclass
@@ -338,8 +337,6 @@ class ChunkRunner:
         verdict = outcome.verdict if outcome is not None else ("review" if self.ctx.quality_checker else None)
         reasons = list(outcome.reasons) if outcome is not None else (["qc_error"] if verdict else None)
         phash = outcome.to_dict()["phash"] if outcome is not None else None
-        if phash is not None and len(phash) > PHASH_COLUMN_CHARS:
-            phash = None  # a wider hash than the column holds; it stays in the duplicate scorer's metrics
         rendered = image.rendered
         session.add(Image(
             id=image.id, item_id=image.item.id, batch_id=batch.id, index=rendered.index, seed=rendered.seed,
@@ -369,7 +366,7 @@ class ChunkRunner:
                            engine: Any) -> dict[str, Any]:
         payload = {
             "model": engine.model_id, "weights_sha256": engine.weights_sha256, "code_version": code_version(),
-            "seed": item.seed, "params": batch.params, "worker": self.worker, "task_id": self.task_id,
+            "prompt": item.prompt, "external_id": item.external_id, "seed": item.seed, "params": batch.params, "worker": self.worker, "task_id": self.task_id,
             "attempt": item.attempts, "duration_s": round(duration, 4),
             "sha256": [image.sha256 for image in images],
             "images": [{"image_id": image.id, "index": image.rendered.index, "seed": image.rendered.seed,

@@ -17,7 +17,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.sql.elements import ColumnElement
 
 from core import audit
+from core.broker import get_celery
 from core.dispatch import dispatch_pending
+from core.review import republish_pending
 from core.settings import Settings, get_settings
 from models import Batch, Item, ItemState, utcnow
 from worker import leases
@@ -67,6 +69,8 @@ def sweep(sessions: sessionmaker[Session], celery: Celery | None = None, setting
     if report.requeued or report.dead:
         log.warning("sweeper: %d expired leases requeued, %d items dead", len(report.requeued), len(report.dead))
     report.dispatched = dispatch_pending(sessions, celery)
+    with sessions() as session:
+        report.dispatched += republish_pending(session, celery or get_celery())
     report.completed_batches = complete_finished_batches(sessions, settings)
     return report
 
