@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,11 +11,17 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from PIL import Image as PILImage
+
 from core.storage import ObjectStore
 from models import Image, Item
 
+# sha256 is the PNG file's; the file carries its item and batch ids (provenance), so a fresh batch
+# of the same prompts and seeds has other file hashes. pixels_sha256 hashes the decoded pixels
+# alone: it is what stays equal when the same prompt, seed and model are generated again.
 RESULT_COLUMNS = ("item_id", "external_id", "prompt", "seed", "image_path", "sha256", "state",
-                  "image_index", "qc_verdict", "qc_reasons", "error")
+                  "image_index", "qc_verdict", "qc_reasons", "error", "pixels_sha256")
+CONTACT_SHEET = "contact-sheet.png"
 IMAGES_DIR = "images"
 
 
@@ -44,11 +51,12 @@ def export_batch(sessions: sessionmaker[Session], store: ObjectStore, batch_id: 
         item_images = by_item.get(item.id, [])
         for image in item_images:
             relative = Path(IMAGES_DIR) / image_filename(item, image.index)
-            write_checked(store, image, out_dir / relative)
+            data = write_checked(store, image, out_dir / relative)
             written += 1
-            rows.append(result_row(item, image, relative.as_posix()))
+            rows.append({**result_row(item, image, relative.as_posix()), "pixels_sha256": pixels_sha256(data)})
         if not item_images:
             rows.append(result_row(item, None, ""))
+    write_contact_sheet(sessions, store, batch_id, out_dir / CONTACT_SHEET)
     results = out_dir / "results.csv"
     with open(results, "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=RESULT_COLUMNS)
@@ -62,12 +70,27 @@ def image_filename(item: Item, index: int) -> str:
     return f"{item.seq:06d}-{label}-{index}.png"
 
 
-def write_checked(store: ObjectStore, image: Image, path: Path) -> None:
+def write_checked(store: ObjectStore, image: Image, path: Path) -> bytes:
     data = store.get(image.storage_key)
     digest = hashlib.sha256(data).hexdigest()
     if digest != image.sha256:
         raise ExportError(f"{image.storage_key}: stored bytes have sha256 {digest}, the ledger says {image.sha256}")
     path.write_bytes(data)
+    return data
+
+
+def pixels_sha256(png: bytes) -> str:
+    with PILImage.open(io.BytesIO(png)) as picture:
+        rgb = picture.convert("RGB")
+        return hashlib.sha256(f"{rgb.width}x{rgb.height}:".encode() + rgb.tobytes()).hexdigest()
+
+
+def write_contact_sheet(sessions: sessionmaker[Session], store: ObjectStore, batch_id: str, path: Path) -> None:
+    """The batch at a glance, a verdict badge on each tile (the API serves the same sheet)."""
+    from qc.contact_sheet import batch_contact_sheet
+
+    with sessions() as session:
+        batch_contact_sheet(session, store, batch_id).save(path)
 
 
 def result_row(item: Item, image: Image | None, image_path: str) -> dict[str, object]:

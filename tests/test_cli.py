@@ -97,6 +97,8 @@ def test_run_writes_one_png_per_prompt_and_a_second_run_gives_the_same_sha256(tm
     for old, new in zip(rows, fresh_rows):
         assert np.array_equal(pixels(tmp_path / "out" / old["image_path"]),
                               pixels(tmp_path / "fresh" / new["image_path"]))
+        assert old["pixels_sha256"] == new["pixels_sha256"] and old["sha256"] != new["sha256"]
+    assert (tmp_path / "fresh" / "contact-sheet.png").stat().st_size > 0
 
 
 def test_run_reads_jsonl_with_several_images_per_prompt_and_fails_when_an_item_fails(tmp_path, embedded_env):
