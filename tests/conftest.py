@@ -1,1 +1,1 @@
-pytest_plugins = ["tests.fixtures.services", "tests.fixtures.engine"]
+pytest_plugins = ["tests.fixtures.services", "tests.fixtures.engine", "tests.fixtures.stacks"]

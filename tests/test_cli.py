@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image as PILImage
-from sqlalchemy import create_engine, func, select, text
+from sqlalchemy import create_engine, text
 from typer.testing import CliRunner
 
 from cli.main import app

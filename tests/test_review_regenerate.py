@@ -5,33 +5,14 @@ from __future__ import annotations
 import hashlib
 import time
 
-import pytest
-import redis
 from sqlalchemy import select
 
 from api.testing import ApiHarness
 from core import review as core_review
 from core.provenance import read_png_provenance
 from models import AuditEvent, Image, QcResult
-from tests.workerkit import Stack, build_stack, running_worker
+from tests.workerkit import Stack, running_worker
 from worker.regenerate import regenerate_image
-
-
-@pytest.fixture
-def embedded(configure, random_checkpoint) -> Stack:
-    return build_stack(configure, INSTABATCH_MODEL=str(random_checkpoint))
-
-
-@pytest.fixture
-def real(configure, random_checkpoint, pg_url, redis_url, s3_server, s3_bucket) -> Stack:
-    redis.Redis.from_url(redis_url).flushdb()
-    return build_stack(configure, INSTABATCH_MODEL=str(random_checkpoint), DATABASE_URL=pg_url,
-                       BROKER_URL=redis_url, S3_BUCKET=s3_bucket, S3_ENDPOINT_URL=s3_server)
-
-
-@pytest.fixture(params=["embedded", "real"])
-def stack(request) -> Stack:
-    return request.getfixturevalue(request.param)
 
 
 def wait_for_image(stack: Stack, image_id: str, timeout: float = 120.0) -> Image:

@@ -9,7 +9,6 @@ import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
-import redis
 from sqlalchemy import func, select
 
 from core import ledger
@@ -23,23 +22,7 @@ PROMPTS = ["a red mug on a white table", "a blue sneaker, studio light", "a gree
            "a yellow lamp", "a black backpack"]
 
 
-@pytest.fixture
-def embedded(configure, random_checkpoint) -> Stack:
-    """SQLite ledger, SQLite-backed broker, local object folder."""
-    return build_stack(configure, INSTABATCH_MODEL=str(random_checkpoint))
 
-
-@pytest.fixture
-def real(configure, random_checkpoint, pg_url, redis_url, s3_server, s3_bucket) -> Stack:
-    """PostgreSQL ledger, Redis broker, S3 (moto over HTTP)."""
-    redis.Redis.from_url(redis_url).flushdb()
-    return build_stack(configure, INSTABATCH_MODEL=str(random_checkpoint), DATABASE_URL=pg_url,
-                       BROKER_URL=redis_url, S3_BUCKET=s3_bucket, S3_ENDPOINT_URL=s3_server)
-
-
-@pytest.fixture(params=["embedded", "real"])
-def stack(request) -> Stack:
-    return request.getfixturevalue(request.param)
 
 
 def test_a_small_batch_ends_with_every_image_stored_checked_and_recorded(stack: Stack):
