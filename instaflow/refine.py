@@ -75,7 +75,10 @@ def load_refiner(
     path: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None
 ) -> Refiner:
     """Load the refiner at a local path, of the kind its model_index.json declares."""
-    class_name = read_model_index(path).get("_class_name")
+    try:
+        class_name = read_model_index(path).get("_class_name")
+    except ModelNotFoundError as error:  # say which model: the base model loaded fine
+        raise ModelNotFoundError(f"refiner (INSTABATCH_REFINER): {error}") from error
     if class_name in RECTIFIED_FLOW_CLASSES:
         return RectifiedFlowRefiner.from_pretrained(path, device=device, dtype=dtype)
     if class_name in SDXL_IMG2IMG_CLASSES:
