@@ -126,12 +126,23 @@ class Engine:
         images, flags = list(out.images), list(out.nsfw_flags)
         if params.refine:
             started = time.perf_counter()
-            options = {k: params.refine[k] for k in ("strength", "steps", "upscale") if k in params.refine}
-            refined = self.refiner.refine(images, list(prompts), list(seeds), **options)
-            images = list(refined.images)
-            flags = [a or b for a, b in zip(flags, refined.nsfw_flags)]
+            refined, refined_flags = self._refine(images, prompts, seeds, params.refine, fixed)
+            images, flags = refined, [a or b for a, b in zip(flags, refined_flags)]
             seconds["refine"] = time.perf_counter() - started
         return Rendered(images=images, nsfw_flags=flags, seconds=seconds)
+
+    def _refine(self, images: list[Any], prompts: Sequence[str], seeds: Sequence[int], refine: dict[str, Any],
+                fixed: int | None) -> tuple[list[Any], list[bool]]:
+        """The refiner over one pass's images, padded to the same fixed batch size as the one-step pass:
+        unpadded, a refined image's bytes would depend on how many images shared its pass (a retry
+        that runs an item alone would store other bytes)."""
+        from instaflow.pipeline import pad_batch
+
+        count = len(images)
+        padded = pad_batch(fixed if fixed and fixed >= count else None, images, prompts, seeds)
+        options = {key: refine[key] for key in ("strength", "steps", "upscale") if key in refine}
+        out = self.refiner.refine(*padded, **options)
+        return list(out.images)[:count], list(out.nsfw_flags)[:count]
 
     def _apply_thread_limit(self) -> None:
         threads = self.settings.torch_threads
