@@ -56,14 +56,16 @@ DEFAULT_VARIANTS = (Variant(0.3, 4), Variant(0.3, 4, 2), Variant(0.5, 4))
 def held_out_sample(n: int, seed: int = 1234) -> list[tuple[str, dict[str, str | None]]]:
     """``n`` held-out prompts with the attributes they ask for, spread over every held-out combination.
 
-    ``held_out_prompts`` yields combination by combination; taking round j of every combination
-    before round j + 1 keeps a small sample balanced.
+    ``held_out_prompts`` yields combination by combination (all the mugs first); taking round j
+    of every combination before round j + 1, combinations in a fixed shuffled order, keeps a
+    small sample balanced over kinds, colours and backdrops.
     """
     from instaflow.tiny.prompts import HELD_OUT_COMBOS, held_out_prompts
 
     per_combo = max(1, math.ceil(n / len(HELD_OUT_COMBOS)))
     prompts = list(held_out_prompts(n_per_combo=per_combo, seed=seed))
-    rounds = sorted(range(len(prompts)), key=lambda i: (i % per_combo, i // per_combo))
+    combo_order = np.random.default_rng(seed).permutation(len(HELD_OUT_COMBOS))
+    rounds = sorted(range(len(prompts)), key=lambda i: (i % per_combo, combo_order[i // per_combo]))
     return [prompts[i] for i in rounds[:n]]
 
 
