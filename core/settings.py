@@ -28,6 +28,8 @@ class Settings(BaseSettings):
     # Object storage: S3 when a bucket is named, else a local folder behind the same interface.
     s3_bucket: str = Field("", alias="S3_BUCKET")
     s3_endpoint_url: str | None = Field(None, alias="S3_ENDPOINT_URL")
+    # The address browsers reach the store at, when it differs from the services' (compose: minio:9000).
+    s3_public_endpoint_url: str | None = Field(None, alias="S3_PUBLIC_ENDPOINT_URL")
     s3_region: str = Field("us-east-1", alias="S3_REGION")
     s3_prefix: str = Field("instabatch", alias="S3_PREFIX")
     presign_seconds: int = Field(3600, alias="PRESIGN_SECONDS")

@@ -94,7 +94,8 @@ class LocalObjectStore:
 class S3ObjectStore:
     """S3 or an S3-compatible store (MinIO, moto) through boto3."""
 
-    def __init__(self, bucket: str, endpoint_url: str | None = None, region: str = "us-east-1", prefix: str = ""):
+    def __init__(self, bucket: str, endpoint_url: str | None = None, region: str = "us-east-1", prefix: str = "",
+                 public_endpoint_url: str | None = None):
         import boto3
         from botocore.config import Config
 
@@ -108,6 +109,9 @@ class S3ObjectStore:
             signature_version="s3v4",
         )
         self.client = boto3.client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
+        # Presigning is local arithmetic; a second client signs URLs for the public address.
+        self.presigner = (boto3.client("s3", endpoint_url=public_endpoint_url, region_name=region, config=config)
+                          if public_endpoint_url else self.client)
 
     def _key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
@@ -148,7 +152,7 @@ class S3ObjectStore:
         return {"content_type": response.get("ContentType", ""), **decode_metadata(response.get("Metadata", {}))}
 
     def presigned_url(self, key: str, expires_in: int = 3600) -> str | None:
-        return self.client.generate_presigned_url(
+        return self.presigner.generate_presigned_url(
             "get_object", Params={"Bucket": self.bucket, "Key": self._key(key)}, ExpiresIn=expires_in
         )
 
@@ -174,7 +178,8 @@ def decode_metadata(metadata: dict[str, str]) -> dict[str, str]:
 
 def make_store(settings: Settings) -> ObjectStore:
     if settings.s3_bucket:
-        return S3ObjectStore(settings.s3_bucket, settings.s3_endpoint_url, settings.s3_region, settings.s3_prefix)
+        return S3ObjectStore(settings.s3_bucket, settings.s3_endpoint_url, settings.s3_region, settings.s3_prefix,
+                             public_endpoint_url=settings.s3_public_endpoint_url)
     return LocalObjectStore(settings.objects_dir)
 
 

@@ -65,6 +65,8 @@ def test_s3_store_is_write_once_and_keeps_metadata(s3_server, s3_bucket):
     assert meta["prompt"] == "un café, rouge" and meta["seed"] == "7"
     assert store.head("missing.png") is None
     assert store.presigned_url("b/1.png").startswith(s3_server)
+    public = S3ObjectStore(s3_bucket, endpoint_url=s3_server, public_endpoint_url="https://images.example.com")
+    assert public.presigned_url("b/1.png").startswith(f"https://images.example.com/{s3_bucket}/b/1.png?")
 
 
 def test_local_store_is_write_once_and_refuses_escaping_keys(tmp_path):
