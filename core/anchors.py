@@ -14,14 +14,13 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from core.audit import GENESIS_HASH
 from core.audit_verify import ChainWalker, VerifyResult, read_head, stream_rows
-from core.storage import LocalObjectStore, ObjectStore
+from core.storage import ObjectStore
 from models import AuditEvent, utcnow
 
 ANCHOR_PREFIX = "audit/anchors/"
@@ -69,13 +68,7 @@ def load_anchors(store: ObjectStore) -> dict[int, str]:
 
 
 def _anchor_names(store: ObjectStore) -> list[str]:
-    if isinstance(store, LocalObjectStore):
-        folder: Path = store.path_of(ANCHOR_PREFIX.rstrip("/"))
-        return [path.name for path in folder.glob("*.json")] if folder.is_dir() else []
-    list_keys = getattr(store, "list_keys", None)
-    if list_keys is None:
-        raise TypeError(f"{type(store).__name__} cannot list keys, so its anchors cannot be checked")
-    return list(list_keys(ANCHOR_PREFIX))
+    return store.list_keys(ANCHOR_PREFIX)
 
 
 def anchor_chain(session: Session, store: ObjectStore, *, check: bool = True) -> AnchorResult | None:

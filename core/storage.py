@@ -34,6 +34,7 @@ class ObjectStore(Protocol):
     def get(self, key: str) -> bytes: ...
     def head(self, key: str) -> dict[str, str] | None: ...
     def presigned_url(self, key: str, expires_in: int = 3600) -> str | None: ...
+    def list_keys(self, prefix: str = "") -> list[str]: ...
     def check(self) -> None: ...
 
 
@@ -81,6 +82,14 @@ class LocalObjectStore:
 
     def presigned_url(self, key: str, expires_in: int = 3600) -> str | None:
         return None  # the API serves local objects itself
+
+    def list_keys(self, prefix: str = "") -> list[str]:
+        """Object keys under ``prefix`` (sidecars left out), sorted."""
+        root = self.root.resolve()
+        if not root.is_dir():
+            return []
+        keys = (path.relative_to(root).as_posix() for path in root.rglob("*") if path.is_file())
+        return sorted(key for key in keys if key.startswith(prefix) and not key.endswith(".meta.json"))
 
     def path_of(self, key: str) -> Path:
         return self._path(key)
@@ -161,7 +170,8 @@ class S3ObjectStore:
         keys: list[str] = []
         for page in paginator.paginate(Bucket=self.bucket, Prefix=self._key(prefix)):
             keys.extend(obj["Key"] for obj in page.get("Contents", []))
-        return keys
+        strip = len(self.prefix) + 1 if self.prefix else 0  # the same keys that put() and get() take
+        return sorted(key[strip:] for key in keys)
 
     def check(self) -> None:
         self.client.head_bucket(Bucket=self.bucket)

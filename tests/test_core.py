@@ -101,3 +101,12 @@ def test_migrations_build_exactly_the_models_tables(ledger_url):
         differences = compare_metadata(MigrationContext.configure(connection), Base.metadata)
     engine.dispose()
     assert differences == []
+
+
+def test_both_stores_list_the_keys_that_put_takes(tmp_path, s3_server, s3_bucket):
+    stores = [LocalObjectStore(tmp_path / "objects"), S3ObjectStore(s3_bucket, endpoint_url=s3_server, prefix="pre")]
+    for store in stores:
+        for key in ("audit/anchors/2.json", "audit/anchors/1.json", "batches/x/0.png"):
+            store.put(key, b"x", {"k": "v"})
+        assert store.list_keys("audit/anchors/") == ["audit/anchors/1.json", "audit/anchors/2.json"]
+        assert len(store.list_keys()) == 3
