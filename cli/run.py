@@ -75,7 +75,7 @@ def run(options: RunOptions, console: Console, actor: str) -> int:
         watch(sessions, celery, settings, batch_id, worker if options.start_worker else None, options, console)
     finally:
         worker.stop()
-    complete_if_done(sessions, batch_id, actor=actor, webhook_timeout=settings.webhook_timeout_seconds)
+    complete_if_done(sessions, batch_id, actor=actor, settings=settings)
     elapsed = time.monotonic() - started
 
     summary = export_batch(sessions, make_store(settings), batch_id, options.out)

@@ -67,6 +67,9 @@ class Settings(BaseSettings):
     pad_micro_batch: bool = Field(True, alias="INSTABATCH_PAD_MICRO_BATCH")
     sweep_every_seconds: float = Field(60.0, alias="SWEEP_EVERY_SECONDS", gt=0)
     webhook_timeout_seconds: float = Field(5.0, alias="WEBHOOK_TIMEOUT_SECONDS", gt=0)
+    # Webhooks go to addresses that submitters choose: by default never to loopback, private or
+    # link-local addresses, so a batch cannot make the worker call services inside the network.
+    webhook_allow_private: bool = Field(False, alias="WEBHOOK_ALLOW_PRIVATE")
 
     # Audit anchoring of the hash chain in write-once object storage.
     anchor_every_seconds: int = Field(300, alias="AUDIT_ANCHOR_SECONDS")

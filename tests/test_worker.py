@@ -148,7 +148,9 @@ def test_cancel_stops_a_running_chunk_between_micro_batches(embedded: Stack, mon
     assert completed[0].payload["status"] == "cancelled"
 
 
-def test_the_webhook_hears_about_completion_and_a_dead_receiver_fails_nothing(embedded: Stack):
+def test_the_webhook_hears_about_completion_and_a_dead_receiver_fails_nothing(configure, random_checkpoint):
+    # The receiver listens on loopback, which only an explicit WEBHOOK_ALLOW_PRIVATE lets through.
+    embedded = build_stack(configure, INSTABATCH_MODEL=str(random_checkpoint), WEBHOOK_ALLOW_PRIVATE="true")
     received: list[dict] = []
 
     class Receiver(BaseHTTPRequestHandler):
@@ -206,3 +208,17 @@ def test_refine_runs_after_generation_and_is_recorded(configure, random_checkpoi
         assert "refine" in image.timings
         assert "refiner_model" in read_png_provenance(stack.store.get(image.storage_key))
     assert stack.events(batch_id, "item.generated")[0].payload["refine"]["steps"] == 2
+
+
+def test_webhooks_to_internal_addresses_are_refused_by_default(embedded: Stack):
+    from worker.completion import InternalAddressRefused, refuse_internal_address
+
+    assert not embedded.settings.webhook_allow_private
+    for url in ("http://127.0.0.1:8080/hook", "http://10.1.2.3/hook", "http://169.254.169.254/latest/meta-data",
+                "http://[::1]/hook", "http://localhost/hook"):
+        with pytest.raises(InternalAddressRefused):
+            refuse_internal_address(url)
+    refuse_internal_address("http://93.184.215.14/hook")  # a global address passes (nothing is sent here)
+    with running_worker(embedded):
+        batch_id = embedded.submit(PROMPTS[:1], webhook_url="http://127.0.0.1:9/hook")
+        assert embedded.wait_until_done(batch_id)["succeeded"] == 1  # the refused webhook fails nothing

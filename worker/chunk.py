@@ -115,8 +115,7 @@ class ChunkRunner:
             self._give_back_held(error)
             raise
         for batch_id in sorted(self.touched_batches):
-            complete_if_done(self.ctx.sessions, batch_id, actor=self.actor,
-                             webhook_timeout=self.settings.webhook_timeout_seconds)
+            complete_if_done(self.ctx.sessions, batch_id, actor=self.actor, settings=self.settings)
         return self.report
 
     def _settle(self, item_ids: Sequence[str]) -> None:

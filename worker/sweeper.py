@@ -119,4 +119,4 @@ def complete_finished_batches(sessions: sessionmaker[Session], settings: Setting
     with sessions() as session:
         candidates = session.scalars(select(Batch.id).where(Batch.finished_at.is_(None))).all()
     return [batch_id for batch_id in candidates
-            if complete_if_done(sessions, batch_id, actor=ACTOR, webhook_timeout=settings.webhook_timeout_seconds)]
+            if complete_if_done(sessions, batch_id, actor=ACTOR, settings=settings)]
