@@ -117,7 +117,7 @@ def watch(sessions: sessionmaker[Session], celery: Any, settings: Settings, batc
             if not active:
                 return
             if worker is not None and not worker.alive:
-                revive(sessions, celery, settings, worker, console)
+                revive(sessions, celery, settings, batch_id, worker, console)
             if time.monotonic() - last_sweep > SWEEP_EVERY:
                 sweep(sessions, celery, settings, reclaim_dead_local=True)
                 last_sweep = time.monotonic()
@@ -127,12 +127,18 @@ def watch(sessions: sessionmaker[Session], celery: Any, settings: Settings, batc
             time.sleep(options.poll_seconds)
 
 
-def revive(sessions: sessionmaker[Session], celery: Any, settings: Settings, worker: WorkerProcess,
+def revive(sessions: sessionmaker[Session], celery: Any, settings: Settings, batch_id: str, worker: WorkerProcess,
            console: Console) -> None:
-    """The worker died (a crash, the OOM killer): requeue what it held and start another, a few times."""
+    """The worker died (a crash, the OOM killer): requeue what it held and start another, a few times.
+
+    The embedded broker does not redeliver a message its dead consumer had taken, so queued items
+    get new chunks too."""
     if worker.starts > settings.max_attempts + 1:
         raise RunTrouble(f"the worker died {worker.starts} times; its last words:\n{worker.tail()}")
     console.print(f"[yellow]worker exited (code {worker.process.returncode}); requeueing its items and restarting[/]")
+    with sessions() as session:
+        ledger.requeue_unclaimed(session, batch_id, chunk_images=settings.chunk_images)
+        session.commit()
     sweep(sessions, celery, settings, abandoned_by=worker.lease_prefix)
     worker.start()
 

@@ -206,3 +206,18 @@ def retry_batch(session: Session, batch: Batch, *, actor: str, chunk_images: int
     batch.finished_at = None if retry_ids else batch.finished_at
     audit.record(session, "batch.retried", actor=actor, batch_id=batch.id, payload={"items_requeued": len(retry_ids)})
     return len(retry_ids)
+
+
+def requeue_unclaimed(session: Session, batch_id: str, *, chunk_images: int = 16) -> int:
+    """New chunks for every queued item of a batch, whose wake-up may have died with its worker.
+
+    For a broker without redelivery (the embedded SQLAlchemy transport) when its only worker died:
+    a message the worker had taken but not yet claimed is gone. A copy of a message that does
+    still exist costs one empty claim."""
+    rows = session.execute(
+        select(Item.id, Item.num_images)
+        .where(Item.batch_id == batch_id, Item.state == ItemState.QUEUED)
+        .order_by(Item.seq)
+    ).mappings().all()
+    batch = session.get(Batch, batch_id)
+    return enqueue_chunks(session, batch, rows, chunk_images) if rows and batch else 0

@@ -190,6 +190,19 @@ def test_run_survives_a_prompt_that_kills_its_worker(tmp_path, embedded_env):
     assert states["ok-1"]["state"] == states["ok-2"]["state"] == "succeeded"
 
 
+def test_run_recovers_a_chunk_whose_worker_died_before_claiming_it(tmp_path, embedded_env):
+    """The embedded broker never redelivers a message its dead worker had taken: run re-chunks the
+    batch's queued items when it restarts the worker, so nothing waits forever."""
+    rows = [("a", "a red mug", 1), ("b", "a blue cup", 2)]
+    prompts = write_csv(tmp_path / "prompts.csv", rows)
+    env = {**embedded_env, "DIE_BEFORE_CLAIM": str(tmp_path / "died-once")}
+    result = instabatch(env, "run", str(prompts), "--out", str(tmp_path / "out"),
+                        "--worker-app", "tests.worker_fault_app", "--timeout", "200", timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (tmp_path / "died-once").exists() and result.stdout.count("worker exited") == 1
+    assert {row["state"] for row in read_results(tmp_path / "out")} == {"succeeded"}
+
+
 def test_qc_rejudge_and_calibrate_read_the_ledger(cli_env: CliRunner):
     from core import ledger
     from core.db import session_scope

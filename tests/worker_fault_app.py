@@ -7,12 +7,14 @@ import os
 import time
 
 from worker.app import create_app
+from worker.chunk import ChunkRunner
 from worker.engine import Engine
 
 CRASH_MARKER = "CRASH-THE-WORKER"
 SLOW_MARKER = "TAKE-YOUR-TIME"
 SLOW_SECONDS = 20
 _generate = Engine.generate
+_run = ChunkRunner.run
 
 
 def _generate_or_die(self, prompts, seeds, params):
@@ -23,5 +25,16 @@ def _generate_or_die(self, prompts, seeds, params):
     return _generate(self, prompts, seeds, params)
 
 
+def _die_once_before_claiming(self, item_ids):
+    """With DIE_BEFORE_CLAIM=FILE: the first task kills its process before claiming anything (an
+    OOM while loading the model, say), leaving its message taken and its items queued."""
+    marker = os.environ.get("DIE_BEFORE_CLAIM")
+    if marker and not os.path.exists(marker):
+        open(marker, "w").close()
+        os._exit(14)
+    return _run(self, item_ids)
+
+
 Engine.generate = _generate_or_die
+ChunkRunner.run = _die_once_before_claiming
 app = create_app()
