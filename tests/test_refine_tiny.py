@@ -5,7 +5,7 @@ the same seeds: one-step only, refined (strength 0.3, 4 steps) and refined with 
 (strength 0.4, 3 steps). The refined images must differ from the base ones, have the requested
 size, carry the refiner in their provenance (PNG text chunks and the ledger's image row), and
 keep the prompts' attributes: the attribute judge's accuracy on them no worse than on the base
-images by more than ACCURACY_TOLERANCE. Skipped until the tiny weights are committed.
+images by more than the measured tolerances below. Skipped until the tiny weights are committed.
 
 A missing refiner is checked on a random checkpoint (no tiny weights needed): the items fail
 with an error that names the path, and the same worker goes on generating.
@@ -33,9 +33,15 @@ MODEL, REFINER, JUDGE = WEIGHTS / "tiny-instaflow", WEIGHTS / "tiny-2rf", WEIGHT
 PROMPTS = 16  # of 23 held-out combinations, in held_out_sample's balanced order
 REFINE = {"enabled": True, "strength": 0.3, "steps": 4}
 REFINE_UP2 = {"enabled": True, "strength": 0.4, "steps": 3, "upscale": 2}
-# Judge accuracy over kind/colour/backdrop is 48 judgements here, so one flipped attribute moves
-# it by 0.021; the tolerance is three flips (figures in docs/refine.md).
-ACCURACY_TOLERANCE = 0.06
+# Judge accuracy over kind/colour/backdrop is 48 judgements here: one flipped attribute is FLIP.
+# Measured on 240 held-out prompts in 15 samples of 16 with this test's seeds (0-15): refine
+# (0.3, 4 steps) moved accuracy by -0.011 on average, -0.0625 (3 flips) in the worst sample;
+# upscale 2 (0.4, 3 steps) by -0.033 on average, -0.083 (4 flips) at worst: the tiny 2-RF
+# never trained at 128x128. On 200 prompts (bench/refine.py): base 0.943, refined 0.945.
+# This test's own sample measured base 0.896, refined 0.917, upscaled 0.875.
+FLIP = 1 / (3 * PROMPTS)
+ACCURACY_TOLERANCE = 3 * FLIP
+UPSCALE_ACCURACY_TOLERANCE = 4 * FLIP
 
 needs_tiny_weights = pytest.mark.skipif(
     not all((folder / name).is_file() for folder, name in
@@ -86,6 +92,7 @@ def test_refined_images_differ_keep_attributes_and_name_the_refiner(tiny_stack, 
     for runs, asked, factor in ((refined, REFINE, 1), (up2, REFINE_UP2, 2)):
         for (base_row, base_picture, _), (row, picture, png) in zip(base, runs):
             assert row.seed == base_row.seed
+            assert picture.resize(base_picture.size, Image.BILINEAR).tobytes() != base_picture.tobytes()
             assert picture.size == (base_picture.width * factor, base_picture.height * factor)
             assert (row.width, row.height) == picture.size
             assert_names_the_refiner(row, png, asked)
@@ -97,8 +104,8 @@ def test_refined_images_differ_keep_attributes_and_name_the_refiner(tiny_stack, 
     accuracy = {name: attribute_accuracy(judge_readings(judge, [picture for _, picture, _ in runs]), wants)
                 for name, runs in (("base", base), ("refined", refined), ("refined_up2", up2))}
     print("RESULT " + " ".join(f"{name}_accuracy={value:.4f}" for name, value in accuracy.items()))
-    assert accuracy["refined"] >= accuracy["base"] - ACCURACY_TOLERANCE, accuracy
-    assert accuracy["refined_up2"] >= accuracy["base"] - ACCURACY_TOLERANCE, accuracy
+    assert accuracy["refined"] >= accuracy["base"] - ACCURACY_TOLERANCE - 1e-9, accuracy
+    assert accuracy["refined_up2"] >= accuracy["base"] - UPSCALE_ACCURACY_TOLERANCE - 1e-9, accuracy
 
 
 def assert_names_the_refiner(row, png: dict[str, str], asked: dict) -> None:
