@@ -175,6 +175,20 @@ def test_quick_judge_loads_and_predicts(quick_run: tuple[Path, dict]) -> None:
     assert judge.features(images).shape == (3, 64)
 
 
+def test_eval_prints_the_table_and_the_result_line(quick_run: tuple[Path, dict], capsys) -> None:
+    from instaflow.tiny.evaluate import evaluate
+
+    out, _ = quick_run
+    report = evaluate(quick=True, run_dir=out, model_dir=out / "tiny-instaflow", rf2_dir=out / "tiny-2rf",
+                      judge_dir=out / "judge", threads=1, max_prompts=6, sheet_out=out / "sheet.png")
+    printed = capsys.readouterr().out
+    assert len(report["rows"]) == 8  # two render floors + six models
+    last = printed.strip().splitlines()[-1]
+    assert re.fullmatch(r"RESULT onestep_accuracy=[\d.]+ teacher25_accuracy=[\d.]+ onestep_fd=[\d.]+ "
+                        r"teacher25_fd=[\d.]+ direct_accuracy=[\d.]+ onestep_img_per_s=[\d.]+", last), last
+    assert (out / "sheet.png").exists()
+
+
 def test_frechet_distance_is_zero_for_equal_sets_and_grows_with_a_shift() -> None:
     from instaflow.tiny.evaluate import frechet_distance
 

@@ -112,7 +112,8 @@ def images_per_second(pipe, steps: int, guidance: float, repeats: int) -> float:
 
 def evaluate(quick: bool = False, run_dir: Path | None = None, model_dir: Path | None = None,
              rf2_dir: Path | None = None, judge_dir: Path | None = None, json_out: Path | None = None,
-             sheet_out: Path | None = None, teacher_guidance: float | None = None, threads: int = 2) -> dict:
+             sheet_out: Path | None = None, teacher_guidance: float | None = None, threads: int = 2,
+             max_prompts: int | None = None) -> dict:
     from instaflow.pipeline import InstaFlowPipeline
 
     torch.set_num_threads(threads)
@@ -128,7 +129,7 @@ def evaluate(quick: bool = False, run_dir: Path | None = None, model_dir: Path |
         Row("reflow + distill, 1 step (InstaFlow)", "InstaFlow 1", model_dir, 1, 0.0),
         Row("direct distill of 1-RF, 1 step", "direct 1", run_dir / "direct-distill", 1, 0.0),
     ]
-    prompts = eval_prompts(quick)
+    prompts = eval_prompts(quick)[:max_prompts]
     texts = [p for p, _ in prompts]
     refs = reference_renders(prompts, 2 if quick else 4, seed=7)
     ref_feats = judge.features(refs)
