@@ -51,6 +51,11 @@ def run(
     out: Annotated[Path, typer.Option("--out", "-o", help="folder for the PNGs and results.csv")],
     name: Annotated[Optional[str], typer.Option(help="batch name (default: the file's name)")] = None,
     refine: Annotated[bool, typer.Option("--refine", help="polish each image with the refiner")] = False,
+    refine_strength: Annotated[Optional[float], typer.Option(help="refine: 0.1-0.9, how far back it re-noises "
+                                                                   "(implies --refine; default 0.3)")] = None,
+    refine_steps: Annotated[Optional[int], typer.Option(help="refine: Euler steps 1-50 (implies --refine; "
+                                                              "default 4)")] = None,
+    refine_upscale: Annotated[Optional[int], typer.Option(help="refine: 1 or 2 (implies --refine)")] = None,
     width: Annotated[Optional[int], typer.Option(help="image width (default: the model's)")] = None,
     height: Annotated[Optional[int], typer.Option(help="image height (default: the model's)")] = None,
     steps: Annotated[int, typer.Option(help="Euler steps (1 for InstaFlow)")] = 1,
@@ -68,8 +73,10 @@ def run(
 
     params: dict = {"num_inference_steps": steps, "guidance_scale": guidance_scale}
     params.update({key: value for key, value in (("width", width), ("height", height)) if value is not None})
-    if refine:
-        params["refine"] = {"enabled": True}
+    refine_options = {key: value for key, value in (("strength", refine_strength), ("steps", refine_steps),
+                                                    ("upscale", refine_upscale)) if value is not None}
+    if refine or refine_options:
+        params["refine"] = {"enabled": True, **refine_options}
     options = RunOptions(file=file, out=out, name=name, params=params, fresh=fresh, start_worker=worker,
                          timeout=timeout, worker_app=worker_app)
     try:

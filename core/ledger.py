@@ -113,6 +113,12 @@ def _item_row(batch_id: str, seq: int, item: ItemSpec) -> dict[str, Any]:
     }
 
 
+def image_seed(item_seed: int, index: int) -> int:
+    """Image ``index`` of an item draws from ``seed + index``, wrapped into the seed range: torch's
+    CPU generator reads 32 bits, so an unwrapped 2**32 would repeat seed 0's noise."""
+    return (item_seed + index) % (MAX_SEED + 1)
+
+
 def find_by_idempotency_key(session: Session, team: str, key: str) -> Batch | None:
     return session.scalar(select(Batch).where(Batch.team == team, Batch.idempotency_key == key))
 

@@ -219,3 +219,11 @@ def test_qc_rejudge_and_calibrate_read_the_ledger(cli_env: CliRunner):
     assert calibrated.exit_code == 0, calibrated.output
     missing = cli_env.invoke(app, ["qc", "rejudge", "no-such-batch"])
     assert missing.exit_code == 2 and "no-such-batch" in missing.output
+
+
+def test_run_refuses_refine_options_out_of_range_before_submitting(tmp_path, embedded_env):
+    prompts = write_csv(tmp_path / "prompts.csv", [("a", "a red mug", 1)])
+    result = instabatch(embedded_env, "run", str(prompts), "--out", str(tmp_path / "out"), "--refine-strength", "1.5")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "strength" in result.stdout
+    assert not (tmp_path / "out").exists()

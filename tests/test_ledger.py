@@ -99,3 +99,9 @@ def test_relay_publishes_each_pending_chunk_once_to_redis(pg_url, redis_url):
         assert session.scalar(select(func.count()).select_from(Outbox).where(Outbox.dispatched_at.is_(None))) == 0
     client.delete("generate")
     engine.dispose()
+
+
+def test_image_seeds_wrap_into_the_seed_range():
+    assert ledger.image_seed(7, 2) == 9
+    assert ledger.image_seed(ledger.MAX_SEED, 1) == 0  # not 2**32, whose noise torch would draw as seed 0's
+    assert all(0 <= ledger.image_seed(ledger.MAX_SEED - 1, i) <= ledger.MAX_SEED for i in range(8))

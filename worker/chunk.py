@@ -23,6 +23,7 @@ from sqlalchemy import select
 
 from core import audit
 from core.dispatch import dispatch_pending
+from core.ledger import image_seed
 from core.provenance import encode_png
 from models import Batch, Image, Item, ItemState, QcResult, utcnow
 from models.base import new_id
@@ -239,7 +240,7 @@ class ChunkRunner:
 
     def _render(self, batch: BatchView, group: list[ClaimedItem]) -> list[RenderedImage]:
         """Generate every image of the group (micro_batch images per forward pass) and encode it."""
-        jobs = [(item, index, item.seed + index) for item in group for index in range(item.num_images)]
+        jobs = [(item, index, image_seed(item.seed, index)) for item in group for index in range(item.num_images)]
         rendered: list[RenderedImage] = []
         for start in range(0, len(jobs), self.settings.micro_batch):
             rendered.extend(self._render_pass(batch, jobs[start:start + self.settings.micro_batch]))
