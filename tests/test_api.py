@@ -213,6 +213,8 @@ def bad_bodies() -> list[tuple[str, object, int, str]]:
         ("refine strength 1.5", {**good, "params": {"refine": {"enabled": True, "strength": 1.5}}}, 422,
          "body.params.refine.strength"),
         ("unknown model", {**good, "params": {"model": "sdxl"}}, 422, "body.params.model"),
+        ("upscaled past the largest side", {**good, "params": {"width": 1024, "refine": {"enabled": True, "upscale": 2}}},
+         422, "body.params"),
         ("unknown top-level field", {**good, "colour": "red"}, 422, "body.colour"),
         ("unknown item field", {**good, "items": [{**item, "style": "x"}]}, 422, "body.items.0.style"),
         ("unknown params field", {**good, "params": {"sampler": "euler"}}, 422, "body.params.sampler"),

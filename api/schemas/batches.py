@@ -72,6 +72,17 @@ class GenerationParams(RequestModel):
             )
         return self
 
+    @model_validator(mode="after")
+    def _refined_size_within_bounds(self) -> "GenerationParams":
+        """Upscaling doubles the stored image: the refined size must respect MAX_IMAGE_SIDE too."""
+        max_side = get_settings().max_side
+        if self.refine.enabled and self.refine.upscale == 2:
+            too_large = [side for side in (self.width, self.height) if side is not None and 2 * side > max_side]
+            if too_large:
+                raise ValueError(f"refine.upscale 2 makes {2 * max(too_large)} pixels, over the "
+                                 f"{max_side} allowed: ask for at most {max_side // 2} or upscale 1")
+        return self
+
 
 class ItemIn(RequestModel):
     prompt: StrippedText
