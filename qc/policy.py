@@ -4,10 +4,12 @@ One rule per scorer name.  A rule reads only the metrics its scorer stored and
 the settings, and returns the reasons it raises with the thresholds it applied,
 so ``rejudge`` can re-run it on stored metrics with other settings.
 
-Reasons in ``settings.reject_reasons`` reject an image; any other reason sends
-it to review.  Some reasons make others redundant (a black image is also blank,
-dark and blurry); the image's reason list keeps only the telling one, while each
-scorer's own record keeps everything it raised.
+Reasons in ``settings.reject_reasons`` reject an image; reasons in
+``settings.advisory_reasons`` are recorded (the scorer's record and the outcome's
+``advisories``) but change no verdict; any other reason sends it to review.  Some
+reasons make others redundant (a black image is also blank, dark and blurry); the
+image's reason list keeps only the telling one, while each scorer's own record
+keeps everything it raised.
 """
 
 from __future__ import annotations
@@ -22,16 +24,6 @@ Metrics = dict[str, Any]
 RuleOutput = tuple[list[str], dict[str, Any]]
 Rule = Callable[[Metrics, QcSettings], RuleOutput]
 
-ALIGNMENT_REASONS = {
-    "misaligned", "wrong_object", "wrong_color", "wrong_backdrop", "wrong_placement", "wrong_size",
-}
-PIXEL_REASONS = {"black", "blank", "underexposed", "overexposed", "low_contrast", "blurry", "near_duplicate"}
-SUPERSEDES: dict[str, set[str]] = {
-    "non_finite": PIXEL_REASONS | ALIGNMENT_REASONS,
-    "black": (PIXEL_REASONS - {"black"}) | ALIGNMENT_REASONS,
-    "blank": (PIXEL_REASONS - {"black", "blank"}) | ALIGNMENT_REASONS,
-    "nsfw": {"black"},  # the safety checker blacked the image out because it flagged it
-}
 # The judge's attribute names -> reason codes.
 ATTRIBUTE_REASONS = {
     "kind": "wrong_object",
@@ -40,6 +32,18 @@ ATTRIBUTE_REASONS = {
     "backdrop": "wrong_backdrop",
     "placement": "wrong_placement",
     "size": "wrong_size",
+}
+# A mismatch the judge reads with p >= attribute_reject_prob gets this suffix (wrong_object_confident).
+CONFIDENT = "_confident"
+ALIGNMENT_REASONS = {"misaligned"} | {
+    code + suffix for code in ATTRIBUTE_REASONS.values() for suffix in ("", CONFIDENT)
+}
+PIXEL_REASONS = {"black", "blank", "underexposed", "overexposed", "low_contrast", "blurry", "near_duplicate"}
+SUPERSEDES: dict[str, set[str]] = {
+    "non_finite": PIXEL_REASONS | ALIGNMENT_REASONS,
+    "black": (PIXEL_REASONS - {"black"}) | ALIGNMENT_REASONS,
+    "blank": (PIXEL_REASONS - {"black", "blank"}) | ALIGNMENT_REASONS,
+    "nsfw": {"black"},  # the safety checker blacked the image out because it flagged it
 }
 
 
@@ -121,14 +125,28 @@ def rule_nsfw_detector(m: Metrics, s: QcSettings) -> RuleOutput:
     }
 
 
+def attribute_reason(attr: str, graded: Metrics, s: QcSettings) -> str | None:
+    """wrong_<attr> when the judge reads another value than the prompt asked for and gives the asked
+    one p < attribute_min_prob; wrong_<attr>_confident when it reads the other value with
+    p >= attribute_reject_prob. An unsure reading whose best guess is the asked value is no miss."""
+    seen = graded.get("seen")
+    if (seen is not None and seen == graded.get("wanted")) or not _below(graded.get("p_wanted"), s.attribute_min_prob):
+        return None
+    code = ATTRIBUTE_REASONS.get(attr, f"wrong_{attr}")
+    p_seen = graded.get("p_seen")
+    return code + CONFIDENT if p_seen is not None and p_seen >= s.attribute_reject_prob else code
+
+
 def rule_attribute_alignment(m: Metrics, s: QcSettings) -> RuleOutput:
-    thresholds = {"align_min_score": s.align_min_score, "attribute_min_prob": s.attribute_min_prob}
+    thresholds = {"align_min_score": s.align_min_score, "attribute_min_prob": s.attribute_min_prob,
+                  "attribute_reject_prob": s.attribute_reject_prob}
     if not m.get("checked"):
         return [], thresholds
     reasons = ["misaligned"] if _below(m.get("score"), s.align_min_score) else []
     for attr, graded in (m.get("attributes") or {}).items():
-        if _below(graded.get("p_wanted"), s.attribute_min_prob):
-            reasons.append(ATTRIBUTE_REASONS.get(attr, f"wrong_{attr}"))
+        reason = attribute_reason(attr, graded, s)
+        if reason:
+            reasons.append(reason)
     return reasons, thresholds
 
 
@@ -173,7 +191,7 @@ CALIBRATED_THRESHOLDS: dict[str, tuple[str, str, str]] = {
 
 
 def verdict_for(reasons: Iterable[str], settings: QcSettings) -> str:
-    reasons = list(reasons)
+    reasons = [reason for reason in reasons if reason not in settings.advisory_reasons]
     if any(reason in settings.reject_reasons for reason in reasons):
         return "reject"
     return "review" if reasons else "pass"
@@ -186,20 +204,23 @@ def judge(scorer: str, version: str, metrics: Metrics, settings: QcSettings) -> 
     return ScorerResult(scorer, version, metrics, thresholds, verdict_for(reasons, settings), reasons)
 
 
-def combine(results: Iterable[ScorerResult], settings: QcSettings) -> tuple[str, list[str]]:
-    """The image's verdict and its reasons: deduplicated, redundant ones dropped, rejects first."""
+def combine(results: Iterable[ScorerResult], settings: QcSettings) -> tuple[str, list[str], list[str]]:
+    """The image's verdict, its reasons (deduplicated, redundant ones dropped, rejects first) and its
+    advisories (raised, recorded, no effect on the verdict)."""
     raised = list(dict.fromkeys(r for result in results for r in result.reasons))
     hidden = set().union(*(SUPERSEDES.get(r, set()) for r in raised)) if raised else set()
-    reasons = [r for r in raised if r not in hidden]
+    telling = [r for r in raised if r not in hidden]
+    reasons = [r for r in telling if r not in settings.advisory_reasons]
     reasons.sort(key=lambda r: r not in settings.reject_reasons)  # stable: rejects first
-    return verdict_for(reasons, settings), reasons
+    advisories = [r for r in telling if r in settings.advisory_reasons]
+    return verdict_for(reasons, settings), reasons, advisories
 
 
 def outcome_from_results(
     results: list[ScorerResult], settings: QcSettings, phash: int | None = None, notes: list[str] | None = None
 ) -> QcOutcome:
-    verdict, reasons = combine(results, settings)
-    return QcOutcome(verdict, reasons, results, phash, list(notes or []))
+    verdict, reasons, advisories = combine(results, settings)
+    return QcOutcome(verdict, reasons, results, phash, list(notes or []), advisories)
 
 
 def rejudge(stored: QcOutcome | dict[str, Any] | list[dict[str, Any]], settings: QcSettings | None = None) -> QcOutcome:

@@ -87,13 +87,18 @@ class ScorerResult:
 
 @dataclass
 class QcOutcome:
-    """QC of one image: the overall verdict, its reasons and every scorer's record."""
+    """QC of one image: the overall verdict, its reasons and every scorer's record.
+
+    ``advisories`` are reasons that were raised and recorded but decide nothing (by default a
+    product placed or sized otherwise than the prompt said); they are also in their scorer's
+    ``reasons``, so a stored record keeps them."""
 
     verdict: str
     reasons: list[str]
     results: list[ScorerResult]
     phash: int | None = None
     notes: list[str] = field(default_factory=list)
+    advisories: list[str] = field(default_factory=list)
 
     def result(self, scorer: str) -> ScorerResult | None:
         return next((r for r in self.results if r.scorer == scorer), None)
@@ -105,6 +110,7 @@ class QcOutcome:
         return {
             "verdict": self.verdict,
             "reasons": list(self.reasons),
+            "advisories": list(self.advisories),
             "phash": phash_to_hex(self.phash),
             "results": [r.to_dict() for r in self.results],
             "notes": list(self.notes),
@@ -118,4 +124,5 @@ class QcOutcome:
             results=[ScorerResult.from_dict(r) for r in data.get("results") or []],
             phash=phash_from_hex(data.get("phash")),
             notes=list(data.get("notes") or []),
+            advisories=list(data.get("advisories") or []),
         )

@@ -129,7 +129,7 @@ class SharpnessScorer(Scorer):
     """
 
     name = "sharpness"
-    version = "1"
+    version = "2"  # 2: images over 256 px are downscaled in float, not rounded to 8 bits first
 
     def score_one(self, view: ImageView) -> Metrics:
         grey = view.sharpness_grey

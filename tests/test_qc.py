@@ -115,7 +115,7 @@ def test_flat_grey_with_faint_noise_is_still_blank(checker):
     assert check_one(checker, noisy).reasons == ["blank"]
 
 
-@pytest.mark.parametrize("size, radius", [(64, 2.0), (512, 12.0)])
+@pytest.mark.parametrize("size, radius", [(64, 2.0), (512, 12.0), (512, 24.0)])
 def test_heavy_gaussian_blur_goes_to_review_as_blurry(checker, size, radius):
     blurred = product_image(size=size).filter(ImageFilter.GaussianBlur(radius))
     outcome = check_one(checker, blurred)
@@ -287,13 +287,18 @@ def test_grade_attributes_with_full_and_top_only_probabilities():
     assert grade_attributes({"colour": "blue"}, top_only)["attributes"]["colour"]["p_wanted"] == pytest.approx(0.2)
 
 
+def graded(wanted: str, seen: str, p_seen: float) -> dict:
+    """One attribute as grade_attributes stores it when the judge gives its top class only."""
+    return {"wanted": wanted, "seen": seen, "p_seen": p_seen,
+            "p_wanted": p_seen if seen == wanted else min(p_seen, 1.0 - p_seen)}
+
+
 def test_alignment_rule_names_the_wrong_attributes():
     from qc.policy import judge
 
     metrics = {"checked": True, "score": 0.3, "attributes": {
-        "kind": {"wanted": "bottle", "seen": "mug", "p_wanted": 0.01},
-        "colour": {"wanted": "blue", "seen": "red", "p_wanted": 0.02},
-        "backdrop": {"wanted": "white", "seen": "white", "p_wanted": 0.97}}}
+        "kind": graded("bottle", "mug", 0.7), "colour": graded("blue", "red", 0.8),
+        "backdrop": graded("white", "white", 0.97)}}
     result = judge("attribute_alignment", "1", metrics, QcSettings())
     assert result.verdict == "review"
     assert result.reasons == ["misaligned", "wrong_object", "wrong_color"]
@@ -301,8 +306,50 @@ def test_alignment_rule_names_the_wrong_attributes():
     assert unchecked.reasons == []
 
 
-@pytest.mark.skipif(not (JUDGE_DIR / "judge.safetensors").is_file(), reason="tiny judge weights not committed yet")
-def test_the_judge_flags_a_red_mug_prompted_as_a_blue_bottle():
+def test_a_mismatch_the_judge_is_sure_of_is_rejected_an_unsure_one_reviewed():
+    from qc.policy import judge
+
+    settings = QcSettings()
+    sure = judge("attribute_alignment", "1", {"checked": True, "score": 0.65, "attributes": {
+        "kind": graded("mug", "box", settings.attribute_reject_prob), "colour": graded("red", "red", 1.0)}}, settings)
+    assert sure.verdict == "reject" and sure.reasons == ["wrong_object_confident"]
+    assert sure.thresholds["attribute_reject_prob"] == settings.attribute_reject_prob
+    unsure = judge("attribute_alignment", "1", {"checked": True, "score": 0.6, "attributes": {
+        "colour": graded("yellow", "orange", settings.attribute_reject_prob - 0.01)}}, settings)
+    assert unsure.verdict == "review" and unsure.reasons == ["wrong_color"]
+    # an unsure reading whose best guess is the requested value is no mismatch
+    torn = judge("attribute_alignment", "1", {"checked": True, "score": 0.45, "attributes": {
+        "kind": graded("lamp", "lamp", 0.45)}}, settings)
+    assert torn.reasons == ["misaligned"] and torn.verdict == "review"
+    # stored records of older judges may lack p_seen: never a confident reject
+    old = judge("attribute_alignment", "1", {"checked": True, "score": 0.01, "attributes": {
+        "kind": {"wanted": "mug", "seen": "box", "p_wanted": 0.01}}}, settings)
+    assert old.reasons == ["misaligned", "wrong_object"] and old.verdict == "review"
+
+
+def test_placement_and_size_are_advisories_unless_settings_send_them_to_review():
+    from qc.policy import judge, outcome_from_results
+
+    metrics = {"checked": True, "score": 0.67, "attributes": {
+        "kind": graded("mug", "mug", 1.0), "placement": graded("left", "right", 1.0),
+        "size": graded("small", "large", 0.7)}}
+    result = judge("attribute_alignment", "1", metrics, QcSettings())
+    assert result.verdict == "pass"
+    assert result.reasons == ["wrong_placement_confident", "wrong_size"]  # the scorer's record keeps them
+    outcome = outcome_from_results([result], QcSettings())
+    assert (outcome.verdict, outcome.reasons) == ("pass", [])
+    assert outcome.advisories == ["wrong_placement_confident", "wrong_size"]
+    assert QcOutcome.from_dict(json.loads(json.dumps(outcome.to_dict()))).advisories == outcome.advisories
+    strict = rejudge(outcome.to_dict(), QcSettings(advisory_reasons=set()))
+    assert strict.verdict == "review" and strict.reasons == ["wrong_placement_confident", "wrong_size"]
+    assert strict.advisories == []
+
+
+needs_judge = pytest.mark.skipif(not (JUDGE_DIR / "judge.safetensors").is_file(), reason="no tiny judge weights")
+
+
+@needs_judge
+def test_the_judge_rejects_a_red_mug_prompted_as_a_blue_bottle():
     from instaflow.tiny.prompts import Attributes
     from instaflow.tiny.render import render
 
@@ -310,12 +357,26 @@ def test_the_judge_flags_a_red_mug_prompted_as_a_blue_bottle():
     checker = QualityChecker(QcSettings(alignment="judge"))
     wrong = check_one(checker, image, "a blue bottle on a white backdrop")
     right = check_one(checker, image, "a red mug on a white backdrop")
-    assert wrong.verdict == "review"
-    assert {"misaligned", "wrong_object", "wrong_color"} <= set(wrong.reasons)
-    assert "wrong_backdrop" not in wrong.reasons
+    assert wrong.verdict == "reject"  # a sharp render: the judge is sure it is a red mug
+    assert {"misaligned", "wrong_object_confident", "wrong_color_confident"} <= set(wrong.reasons)
+    assert not any(reason.startswith("wrong_backdrop") for reason in wrong.reasons)
     assert right.verdict == "pass", right.to_dict()
     unknown = check_one(checker, image, "a chrome toaster on a marble counter")
     assert unknown.result("attribute_alignment").metrics["checked"] is False
+
+
+@needs_judge
+def test_a_product_placed_elsewhere_passes_with_an_advisory():
+    from instaflow.tiny.prompts import Attributes
+    from instaflow.tiny.render import render
+
+    image = render(Attributes("lamp", "green", "beige", "left", "small"), np.random.default_rng(4))
+    prompt = "a small green lamp on a beige backdrop, on the right"
+    outcome = check_one(QualityChecker(QcSettings(alignment="judge")), image, prompt)
+    assert outcome.verdict == "pass" and outcome.reasons == []
+    assert outcome.advisories == ["wrong_placement_confident"]
+    strict = check_one(QualityChecker(QcSettings(alignment="judge", advisory_reasons=set())), image, prompt)
+    assert strict.verdict == "review" and strict.reasons == ["wrong_placement_confident"]
 
 
 # --- CLIP score with a tiny random CLIP -------------------------------------------------
