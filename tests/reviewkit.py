@@ -22,10 +22,10 @@ from models.base import new_id
 BASE_TIME = datetime(2026, 11, 1, 9, 0, tzinfo=timezone.utc)
 # The metrics a flagged image carries for each reason (just past the default thresholds).
 FINDINGS = {
-    "blurry": ("sharpness", {"laplacian_var": 0.2, "laplacian_ratio": 0.0002, "size": 256, "native_size": "64x64",
-                             "upscaled": True}, {"sharpness_min": 0.0004, "sharpness_size": 256}),
+    "blurry": ("sharpness", {"laplacian_var": 0.2, "laplacian_ratio": 0.0001, "size": 256, "native_size": "64x64",
+                             "upscaled": True}, {"sharpness_min": 0.0002, "sharpness_size": 256}),
     "near_duplicate": ("duplicate", {"nearest_distance": 2, "nearest_colour_distance": 3}, {
-        "duplicate_max_distance": 4, "duplicate_max_colour_distance": 8}),
+        "duplicate_max_distance": 2, "duplicate_max_colour_distance": 4}),
     "underexposed": ("exposure", {"luma_mean": 0.05, "clipped_low": 0.2, "clipped_high": 0.0}, {
         "underexposed_mean_max": 0.1, "overexposed_mean_min": 0.95, "clipped_fraction_max": 0.9}),
     "wrong_color": ("attribute_alignment", {"checked": True, "score": 0.3, "attributes": {

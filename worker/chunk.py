@@ -356,7 +356,8 @@ class ChunkRunner:
                                  reasons=row["reasons"], created_at=utcnow()))
         audit.record(session, "qc.verdict", actor=self.actor, batch_id=batch.id, item_id=image.item.id,
                      image_id=image.id, payload={
-                         "verdict": verdict, "reasons": reasons, "phash": phash,
+                         "verdict": verdict, "reasons": reasons, "advisories": list(outcome.advisories),
+                         "phash": phash,
                          "scorers": [{"scorer": r.scorer, "version": r.version, "verdict": r.verdict}
                                      for r in outcome.results],
                          "notes": list(getattr(outcome, "notes", []) or []),
