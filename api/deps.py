@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterator
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from sqlalchemy import Select, select
@@ -116,18 +116,18 @@ def visible_batch(session: Session, principal: Principal, batch_id: str, *, for_
 
 
 def visible_image(session: Session, principal: Principal, image_id: str) -> tuple[Image, Batch]:
-    if not looks_like_id(image_id):
-        raise not_found("image")
-    row = session.execute(select(Image, Batch).join(Batch, Batch.id == Image.batch_id).where(Image.id == image_id)).first()
-    if row is None or not principal.can_see_team(row.Batch.team):
-        raise not_found("image")
-    return row.Image, row.Batch
+    return _visible_in_batch(session, principal, Image, image_id, "image")
 
 
 def visible_item(session: Session, principal: Principal, item_id: str) -> tuple[Item, Batch]:
-    if not looks_like_id(item_id):
-        raise not_found("item")
-    row = session.execute(select(Item, Batch).join(Batch, Batch.id == Item.batch_id).where(Item.id == item_id)).first()
-    if row is None or not principal.can_see_team(row.Batch.team):
-        raise not_found("item")
-    return row.Item, row.Batch
+    return _visible_in_batch(session, principal, Item, item_id, "item")
+
+
+def _visible_in_batch(session: Session, principal: Principal, model: Any, row_id: str, name: str) -> tuple[Any, Batch]:
+    """A row that belongs to a batch, with its batch; another team's row is a 404, like a missing one."""
+    if not looks_like_id(row_id):
+        raise not_found(name)
+    row = session.execute(select(model, Batch).join(Batch, Batch.id == model.batch_id).where(model.id == row_id)).first()
+    if row is None or not principal.can_see_team(row[1].team):
+        raise not_found(name)
+    return row[0], row[1]
