@@ -52,7 +52,7 @@ def default_model(workdir: Path) -> Path:
 
     if (TINY_MODEL_DIR / "model_index.json").is_file():
         return TINY_MODEL_DIR
-    from tests.fixtures.engine import make_random_checkpoint
+    from instaflow.testing import make_random_checkpoint
 
     return make_random_checkpoint(workdir / "random-checkpoint")
 

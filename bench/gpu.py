@@ -68,7 +68,7 @@ def sd15_shaped_components(device: torch.device, dtype: torch.dtype) -> Componen
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from tests.fixtures.engine import write_tokenizer
+    from instaflow.testing import write_tokenizer
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)

@@ -213,7 +213,7 @@ def qc_score(
     as_json: Annotated[bool, typer.Option("--json", help="one JSON object per file")] = False,
 ) -> None:
     """QC verdict, reasons and metrics of image files (checked together, so duplicates are found)."""
-    from qc.cli import score_files
+    from qc.calibration import score_files
 
     rows = score_files(files, prompt=prompt)
     for row in rows:
@@ -234,7 +234,7 @@ def qc_rejudge(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="show what would change, write nothing")] = False,
 ) -> None:
     """Apply today's QC thresholds to a batch's stored metrics (no image is scored again)."""
-    from qc.ledger_cli import rejudge_batch
+    from qc.ledger import rejudge_batch
 
     _print_ledger_report(lambda session: rejudge_batch(session, batch_id, actor=cli_actor(), dry_run=dry_run).as_dict())
 
@@ -245,14 +245,14 @@ def qc_calibrate(
     flag_percent: Annotated[float, typer.Option(help="share of images each threshold should flag")] = 1.0,
 ) -> None:
     """Score distributions of a batch and the percentile thresholds they suggest."""
-    from qc.ledger_cli import calibrate_batch
+    from qc.ledger import calibrate_batch
 
     _print_ledger_report(lambda session: calibrate_batch(session, batch_id, flag_percent=flag_percent))
 
 
 def _print_ledger_report(build: Callable[[Any], dict]) -> None:
     from core.db import session_scope
-    from qc.ledger_cli import UnknownBatch
+    from qc.ledger import UnknownBatch
 
     _migrate_embedded()
     try:

@@ -13,7 +13,7 @@ import pytest
 import redis
 from sqlalchemy import func, select
 
-from api.testing import ApiHarness, ledger_rows, sample_batch
+from tests.apikit import ApiHarness, ledger_rows, sample_batch
 from core.db import session_scope
 from core.settings import REPO_ROOT
 from models import AuditEvent, Batch, Item, Outbox

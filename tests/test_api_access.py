@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy import select
 
 from api.signing import signed_object_path
-from api.testing import ApiHarness, sample_batch
+from tests.apikit import ApiHarness, sample_batch
 from core import keys
 from core.db import session_scope
 from core.storage import get_store

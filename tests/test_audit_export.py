@@ -13,7 +13,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from sqlalchemy import Engine, select
 
-from api.testing import ApiHarness
+from tests.apikit import ApiHarness
 from core.audit_verify import verify_export
 from core.db import session_scope
 from core.settings import REPO_ROOT

@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import select
 
 from api.main import create_app
-from api.testing import create_role_keys
+from tests.apikit import create_role_keys
 from core.db import session_scope
 from core.settings import REPO_ROOT
 from models import Review

@@ -8,7 +8,7 @@ import time
 
 import redis
 
-from api.testing import ApiHarness
+from tests.apikit import ApiHarness
 from tests.workerkit import build_stack, running_worker
 
 ITEMS = 1000

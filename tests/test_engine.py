@@ -12,7 +12,7 @@ import torch
 
 from instaflow.loading import ModelNotFoundError, load_components, weights_fingerprint
 from instaflow.pipeline import InstaFlowPipeline
-from tests.fixtures.engine import make_random_checkpoint
+from instaflow.testing import make_random_checkpoint
 
 PROMPTS = ["a red mug on a table", "a blue running shoe", "a green glass bottle"]
 

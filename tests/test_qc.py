@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from qc import QcOutcome, QcSettings, QualityChecker, rejudge, screen_prompt
 from qc.alignment import ClipScorer, grade_attributes, load_clip
-from qc.cli import calibrate, score_files
+from qc.calibration import calibrate, score_files
 from qc.phash import HashIndex, find_duplicate, hamming, phash
 from qc.results import phash_from_hex, phash_to_hex
 from qc.scorers import Scorer

@@ -21,7 +21,7 @@ from instaflow.refine import (
     img2img_schedule_length,
     load_refiner,
 )
-from tests.fixtures.engine import make_random_sdxl_refiner
+from instaflow.testing import make_random_sdxl_refiner
 
 PROMPTS = ["a red mug on a table", "a blue running shoe"]
 SEEDS = [21, 22]

@@ -13,7 +13,7 @@ import redis
 from PIL import Image as PILImage
 from sqlalchemy import select
 
-from api.testing import ApiHarness
+from tests.apikit import ApiHarness
 from core import review as core_review
 from core.db import session_factory, session_scope
 from models import AuditEvent, Image, Review

@@ -9,7 +9,7 @@ from core import review as core_review
 from core.audit_verify import verify_chain
 from core.db import get_engine, session_scope
 from models import AuditEvent, Image, QcResult
-from qc.ledger_cli import UnknownBatch, calibrate_batch, rejudge_batch
+from qc.ledger import UnknownBatch, calibrate_batch, rejudge_batch
 from qc.settings import QcSettings
 from tests.reviewkit import seed_batch
 

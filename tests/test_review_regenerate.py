@@ -7,7 +7,7 @@ import time
 
 from sqlalchemy import select
 
-from api.testing import ApiHarness
+from tests.apikit import ApiHarness
 from core import review as core_review
 from core.provenance import read_png_provenance
 from models import AuditEvent, Image, QcResult

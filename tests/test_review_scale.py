@@ -12,7 +12,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from sqlalchemy import text
 
-from api.testing import ApiHarness
+from tests.apikit import ApiHarness
 from core.db import get_engine
 from tests.reviewkit import seed_batch
 

@@ -1,4 +1,4 @@
-"""How much QC costs per image: ``python -m qc.benchmark [--chunks N] [--size 64]``.
+"""How much QC costs per image: ``python -m bench.qc_cost [--chunks N] [--size 64]``.
 
 Checks 32-image chunks of tiny-model renders (or PIL-drawn product shots when
 the renderer is missing) and prints ``RESULT`` lines; never asserts on time.

@@ -1,4 +1,4 @@
-"""The figures behind the QC defaults (docs/qc.md): ``python -m qc.study STUDY`` (one torch thread).
+"""The figures behind the QC defaults (docs/qc.md): ``python -m bench.qc_study STUDY`` (one torch thread).
 
 * ``renders``: metric distributions on tiny-model renders and on the same renders
   blurred, darkened, brightened: how the thresholds separate good from bad.
@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from qc.checker import QualityChecker
-from qc.cli import calibrate
+from qc.calibration import calibrate
 from qc.phash import hamming, phash
 from qc.policy import ATTRIBUTE_REASONS, CONFIDENT, rejudge
 from qc.settings import QcSettings

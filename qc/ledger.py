@@ -8,7 +8,7 @@ Both read the metrics the worker stored per scorer (``qc_results``), never the i
   the caller's transaction. A reviewer's decision stays: an image moved out of ``review`` keeps
   its ``review_status``; one moved into ``review`` joins the queue.
 * ``calibrate_batch`` prints the batch's metric distributions and suggested thresholds
-  (``qc.cli.calibrate``).
+  (``qc.calibration.calibrate``).
 
 Batches are read a page of images at a time, so a 50,000-image batch never sits in memory
 as ORM objects.
@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 
 from core import audit
 from models import Batch, Image, QcResult
-from qc.cli import calibrate
+from qc.calibration import calibrate
 from qc.policy import rejudge
 from qc.results import QcOutcome, ScorerResult
 from qc.settings import QcSettings
