@@ -24,9 +24,9 @@ from typing import Annotated, BinaryIO, Iterator
 import typer
 from sqlalchemy import select
 
-from core.anchors import ChainBroken, anchor_chain, load_anchors
-from core.audit_export import EventFilter, record_export, stream_export
-from core.audit_verify import VerifyResult, verify_chain, verify_export
+from core.audit.anchors import ChainBroken, anchor_chain, load_anchors
+from core.audit.export import EventFilter, record_export, stream_export
+from core.audit.verify import VerifyResult, verify_chain, verify_export
 from core.db import get_engine, session_scope
 from core.provenance import read_png_provenance
 from core.settings import get_settings

@@ -163,7 +163,7 @@ class Review(Base):
 
 
 class AuditEvent(Base):
-    """Append-only; ``hash = sha256(prev_hash || canonical JSON of the event)`` (core/audit.py)."""
+    """Append-only; ``hash = sha256(prev_hash || canonical JSON of the event)`` (core/audit/chain.py)."""
     __tablename__ = "audit_events"
 
     seq: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)

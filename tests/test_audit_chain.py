@@ -11,8 +11,8 @@ from sqlalchemy import Connection, Engine, insert, select, update
 from sqlalchemy.exc import DBAPIError
 
 from core import audit
-from core.anchors import ChainBroken, anchor_chain, list_anchors, load_anchors
-from core.audit_verify import verify_chain
+from core.audit.anchors import ChainBroken, anchor_chain, list_anchors, load_anchors
+from core.audit.verify import verify_chain
 from core.db import make_engine, session_scope
 from core.storage import LocalObjectStore, S3ObjectStore
 from models import AuditChainHead, AuditEvent
@@ -227,7 +227,7 @@ def test_a_broken_chain_is_not_anchored(chain, tmp_path):
 
 
 def test_the_periodic_task_body_anchors_the_configured_ledger_in_the_configured_store(configure, sqlite_url):
-    from core.anchors import anchor_now
+    from core.audit.anchors import anchor_now
     from core.storage import get_store
 
     configure(DATABASE_URL=sqlite_url)

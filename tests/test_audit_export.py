@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import Engine, select
 
 from tests.apikit import ApiHarness
-from core.audit_verify import verify_export
+from core.audit.verify import verify_export
 from core.db import session_scope
 from core.settings import REPO_ROOT
 from models import AuditEvent
@@ -132,8 +132,8 @@ MEMORY_PROBE = textwrap.dedent('''
     """
     import asyncio, json, os, sys, time
     from api.main import create_app
-    from core.audit_export import EventFilter, stream_export
-    from core.audit_verify import verify_chain
+    from core.audit.export import EventFilter, stream_export
+    from core.audit.verify import verify_chain
     from core.db import get_engine
 
     app = create_app()
@@ -223,7 +223,7 @@ def test_a_refused_export_writes_no_audit_event(api, ledger, who, status):
 
 
 def test_verify_over_http_checks_the_anchors(api, ledger):
-    from core.anchors import anchor_now
+    from core.audit.anchors import anchor_now
 
     assert anchor_now().created
     assert api.get("auditor", "/v1/audit/verify").json()["anchors"] == 1

@@ -121,7 +121,7 @@ def test_a_file_that_is_no_png_is_refused(tmp_path):
 
 
 def test_an_image_from_the_real_worker_checks_out_against_ledger_and_chain(configure, random_checkpoint, tmp_path):
-    from core.audit_verify import verify_chain
+    from core.audit.verify import verify_chain
     from tests.workerkit import build_stack, running_worker
 
     stack = build_stack(configure, INSTABATCH_MODEL=str(random_checkpoint))

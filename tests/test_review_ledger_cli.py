@@ -6,7 +6,7 @@ import pytest
 from sqlalchemy import select
 
 from core import review as core_review
-from core.audit_verify import verify_chain
+from core.audit.verify import verify_chain
 from core.db import get_engine, session_scope
 from models import AuditEvent, Image, QcResult
 from qc.ledger import UnknownBatch, calibrate_batch, rejudge_batch

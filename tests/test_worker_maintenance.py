@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 
-from core.anchors import list_anchors
+from core.audit.anchors import list_anchors
 from core.broker import ANCHOR_TASK, MAINTENANCE_QUEUE
 from tests.workerkit import build_stack, running_worker
 

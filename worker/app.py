@@ -20,7 +20,7 @@ from typing import Any
 from celery import Celery, signals
 from kombu import Queue
 
-from core.anchors import anchor_chain
+from core.audit.anchors import anchor_chain
 from core.broker import ANCHOR_TASK, GENERATE_TASK, MAINTENANCE_QUEUE, QUEUE_FOR_PRIORITY, SWEEP_TASK, make_celery
 from core.settings import Settings, get_settings
 from worker.chunk import ChunkRunner

@@ -13,9 +13,9 @@ from pydantic import BaseModel, Field
 from api.deps import AuditorDep, SessionDep
 from api.errors import APIError
 from api.queries import bad_cursor, decode_cursor, encode_cursor
-from core.anchors import load_anchors
-from core.audit_export import EventFilter, read_page, record_export, stream_export
-from core.audit_verify import MAX_PROBLEMS, verify_chain
+from core.audit.anchors import load_anchors
+from core.audit.export import EventFilter, read_page, record_export, stream_export
+from core.audit.verify import MAX_PROBLEMS, verify_chain
 from core.storage import get_store
 
 router = APIRouter(prefix="/audit", tags=["audit"])

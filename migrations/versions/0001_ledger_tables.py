@@ -37,7 +37,7 @@ def upgrade() -> None:
     sa.Column('last_hash', sa.String(length=64), nullable=False),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_audit_chain_head'))
     )
-    # The chain starts from a genesis hash; writers lock and bump this one row (core/audit.py).
+    # The chain starts from a genesis hash; writers lock and bump this one row (core/audit/chain.py).
     op.bulk_insert(sa.table('audit_chain_head', sa.column('id', sa.Integer), sa.column('last_seq', sa.BigInteger),
                             sa.column('last_hash', sa.String)),
                    [{'id': 1, 'last_seq': 0, 'last_hash': '0' * 64}])

@@ -32,7 +32,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, select
 
-from core.audit import CHAIN_HEAD_ID, GENESIS_HASH, EventFields, event_hash
+from core.audit.chain import CHAIN_HEAD_ID, GENESIS_HASH, EventFields, event_hash
 from models import AuditChainHead, AuditEvent
 
 MAX_PROBLEMS = 1_000
@@ -298,7 +298,7 @@ def verify_export(lines: Iterable[str | bytes], anchors: Mapping[int, str] | Non
 def verify_chain(engine: Engine, anchors: Mapping[int, str] | None = None) -> VerifyResult:
     """Walk the whole chain and compare it with the chain head row and the given anchors.
 
-    Load the anchors *before* calling (``core.anchors.load_anchors``): an anchor written after
+    Load the anchors *before* calling (``core.audit.anchors.load_anchors``): an anchor written after
     the snapshot began could name a seq the snapshot cannot see.
     """
     with snapshot(engine) as conn:

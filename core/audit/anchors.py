@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from core.audit import GENESIS_HASH
-from core.audit_verify import ChainWalker, VerifyResult, read_head, stream_rows
+from core.audit.chain import GENESIS_HASH
+from core.audit.verify import ChainWalker, VerifyResult, read_head, stream_rows
 from core.storage import ObjectStore
 from models import AuditEvent, utcnow
 

@@ -18,8 +18,8 @@ from typing import Any
 from sqlalchemy import Engine, Select, select
 from sqlalchemy.orm import Session
 
-from core import audit
-from core.audit_verify import EVENT_COLUMNS
+from core.audit import chain as audit
+from core.audit.verify import EVENT_COLUMNS
 from models import AuditEvent
 
 FORMATS = ("json", "jsonl", "csv")
