@@ -2,18 +2,28 @@
 from __future__ import annotations
 
 import base64
-import re
 import binascii
+import re
 from collections import defaultdict
 from collections.abc import Sequence
+from typing import Any
 
 from sqlalchemy import and_, exists, func, or_, select
 from sqlalchemy.orm import Session
 
-from api.deps import looks_like_id
+from api.deps import UUID_PATTERN, looks_like_id
 from api.errors import APIError
-from api.schemas import BatchOut, BatchPage, ImageDetail, ImageOut, ItemDetail, ItemOut, ItemPage
+from api.schemas import (
+    BatchOut,
+    BatchPage,
+    ImageDetail,
+    ImageOut,
+    ItemDetail,
+    ItemOut,
+    ItemPage,
+)
 from api.schemas.batches import progress_of
+from api.schemas.review import Finding, QueueEntry
 from api.signing import object_url
 from core import ledger
 from core.keys import Principal
@@ -144,9 +154,7 @@ def page_items(session: Session, batch: Batch, *, limit: int, base_url: str, cur
 def item_detail(session: Session, item: Item, batch: Batch, base_url: str) -> ItemDetail:
     images = _images_of(session, [item.id])[item.id]
     image_ids = [image.id for image in images]
-    qc = defaultdict(list)
-    for result in session.scalars(select(QcResult).where(QcResult.image_id.in_(image_ids)).order_by(QcResult.id)):
-        qc[result.image_id].append(result)
+    qc = ledger.qc_results_by_image(session, image_ids)
     reviews = defaultdict(list)
     for review in session.scalars(
         select(Review).where(Review.image_id.in_(image_ids)).order_by(Review.created_at, Review.id)
@@ -173,12 +181,8 @@ def _images_of(session: Session, item_ids: list[str]) -> dict[str, list[Image]]:
 
 
 def _scores_of(session: Session, image_ids: list[str]) -> dict[str, dict[str, dict]]:
-    scores: dict[str, dict[str, dict]] = defaultdict(dict)
-    if image_ids:
-        query = select(QcResult.image_id, QcResult.scorer, QcResult.metrics).where(QcResult.image_id.in_(image_ids))
-        for image_id, scorer, metrics in session.execute(query.order_by(QcResult.id)):
-            scores[image_id][scorer] = metrics
-    return scores
+    return {image_id: {r.scorer: r.metrics for r in results}
+            for image_id, results in ledger.qc_results_by_image(session, image_ids).items()}
 
 
 IMAGE_COLUMNS = (
@@ -205,3 +209,61 @@ def _item_out(item: Item, images: list[ImageOut]) -> ItemOut:
     return ItemOut.model_validate({
         **{column: getattr(item, column) for column in ITEM_COLUMNS}, "verdict": worst, "images": images,
     })
+
+
+# -- the QA queue ---------------------------------------------------------------------
+
+# The headline metric of each scorer, shown on every queue entry ("scorer.metric").
+HEADLINE_METRICS = {
+    "black": ("luma_p99",), "blank": ("entropy_bits",), "exposure": ("luma_mean",),
+    "contrast": ("rms_contrast",), "sharpness": ("laplacian_ratio",),
+    "duplicate": ("nearest_distance", "nearest_colour_distance"), "nsfw_detector": ("nsfw_prob",),
+    "attribute_alignment": ("score",), "clip_alignment": ("score",),
+}
+
+
+def queue_entries(session: Session, rows: list[Any], base_url: str) -> list[QueueEntry]:
+    images = [row.Image for row in rows]
+    results = ledger.qc_results_by_image(session, [image.id for image in images])
+    twins = {image.id: _twin_ref(results.get(image.id, [])) for image in images}
+    keys = _storage_keys(session, {image.parent_image_id for image in images} | set(twins.values()))
+    url = lambda image_id: object_url(keys[image_id], base_url) if image_id in keys else None  # noqa: E731
+    entries = []
+    for row in rows:
+        image, item, batch = row.Image, row.Item, row.Batch
+        twin = twins[image.id] if twins[image.id] in keys else None
+        entries.append(QueueEntry(
+            image_id=image.id, item_id=item.id, batch_id=batch.id, batch_name=batch.name, team=batch.team,
+            external_id=item.external_id, prompt=item.prompt, seed=image.seed, index=image.index,
+            width=image.width, height=image.height, verdict=image.qc_verdict, reasons=image.qc_reasons or [],
+            metrics=headline_metrics(results.get(image.id, [])),
+            findings=[Finding.model_validate(r) for r in results.get(image.id, []) if r.reasons],
+            url=object_url(image.storage_key, base_url), parent_image_id=image.parent_image_id,
+            parent_url=url(image.parent_image_id), twin_image_id=twin, twin_url=url(twin),
+            created_at=image.created_at,
+        ))
+    return entries
+
+
+def _storage_keys(session: Session, image_ids: set[str | None]) -> dict[str, str]:
+    wanted = [image_id for image_id in image_ids if image_id]
+    if not wanted:
+        return {}
+    return dict(session.execute(select(Image.id, Image.storage_key).where(Image.id.in_(wanted))).tuples())
+
+
+def _twin_ref(results: list[QcResult]) -> str | None:
+    # The duplicate scorer names an earlier chunk's twin by image id (the worker's known hashes).
+    duplicate = next((r for r in results if r.scorer == "duplicate"), None)
+    ref = (duplicate.metrics or {}).get("twin_ref") if duplicate and duplicate.reasons else None
+    return ref if isinstance(ref, str) and UUID_PATTERN.match(ref) else None
+
+
+def headline_metrics(results: list[QcResult]) -> dict[str, Any]:
+    summary: dict[str, Any] = {}
+    for result in results:
+        for name in HEADLINE_METRICS.get(result.scorer, ()):
+            value = (result.metrics or {}).get(name)
+            if value is not None:
+                summary[f"{result.scorer}.{name}"] = value
+    return summary

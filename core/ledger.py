@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from core import audit
 from core.broker import QUEUE_FOR_PRIORITY
-from models import Batch, BatchStatus, Item, ItemState, Outbox, utcnow
+from models import Batch, BatchStatus, Item, ItemState, Outbox, QcResult, utcnow
 from models.base import new_id
 
 MAX_SEED = 2**32 - 1
@@ -227,3 +227,13 @@ def requeue_unclaimed(session: Session, batch_id: str, *, chunk_images: int = 16
     ).mappings().all()
     batch = session.get(Batch, batch_id)
     return enqueue_chunks(session, batch, rows, chunk_images) if rows and batch else 0
+
+
+def qc_results_by_image(session: Session, image_ids: Iterable[str]) -> dict[str, list[QcResult]]:
+    """Each image's QC rows in the order the scorers wrote them; every asked id is a key."""
+    grouped: dict[str, list[QcResult]] = {image_id: [] for image_id in image_ids}
+    if grouped:
+        query = select(QcResult).where(QcResult.image_id.in_(list(grouped))).order_by(QcResult.id)
+        for result in session.scalars(query):
+            grouped[result.image_id].append(result)
+    return grouped

@@ -24,6 +24,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from core import audit
+from core.ledger import qc_results_by_image
 from models import Batch, Image, QcResult
 from qc.calibration import calibrate
 from qc.policy import rejudge
@@ -86,10 +87,7 @@ def stored_images(session: Session, batch_id: str, page: int = PAGE_IMAGES) -> I
         ).all()
         if not images:
             return
-        results: dict[str, list[QcResult]] = {row.id: [] for row in images}
-        for result in session.scalars(select(QcResult).where(QcResult.image_id.in_(list(results)))
-                                      .order_by(QcResult.id)):
-            results[result.image_id].append(result)
+        results = qc_results_by_image(session, [row.id for row in images])
         for row in images:
             yield StoredImage(row.id, row.item_id, row.qc_verdict, list(row.qc_reasons or []), row.review_status,
                               results[row.id])

@@ -4,7 +4,15 @@ from __future__ import annotations
 import re
 from typing import Annotated
 
-from fastapi import APIRouter, BackgroundTasks, Depends, Header, Query, Request, Response
+from fastapi import (
+    APIRouter,
+    BackgroundTasks,
+    Depends,
+    Header,
+    Query,
+    Request,
+    Response,
+)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
@@ -15,11 +23,20 @@ from api.errors import APIError
 from api.intake import CSV_COLUMNS, CSV_QUERY_FIELDS, parse_batch_request
 from api.metrics import BATCHES_SUBMITTED, ITEMS_SUBMITTED
 from api.publish import publish_outbox
-from api.schemas import BatchCreate, BatchOut, BatchPage, CancelResult, ItemPage, RetryResult
+from api.schemas import (
+    BatchCreate,
+    BatchOut,
+    BatchPage,
+    CancelResult,
+    ItemPage,
+    RetryResult,
+)
 from core import ledger
 from core.keys import MAX_TEAM_CHARS, Principal
 from core.settings import get_settings
+from core.storage import get_store
 from models import Batch, ItemState, Verdict
+from qc.contact_sheet import batch_contact_sheet, png_bytes
 
 router = APIRouter(prefix="/batches", tags=["batches"])
 
@@ -170,3 +187,27 @@ def retry_batch(batch_id: str, background: BackgroundTasks, session: SessionDep,
     if requeued:
         background.add_task(publish_outbox)
     return RetryResult(batch=queries.batch_view(session, batch), items_requeued=requeued)
+
+
+# -- contact sheet -----------------------------------------------------------------------
+
+@router.get("/{batch_id}/contact-sheet.png", response_class=Response,
+         responses={**ERROR_RESPONSES, 200: {"content": {"image/png": {}}}},
+         summary="A grid PNG of the batch's images, each badged with its QC verdict (and decision)")
+def contact_sheet_png(
+    batch_id: str,
+    session: SessionDep,
+    principal: ReaderDep,
+    verdict: Annotated[list[Verdict] | None, Query(description="only these verdicts; repeatable")] = None,
+    limit: Annotated[int, Query(ge=1, le=2000)] = 500,
+    offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
+    tile: Annotated[int, Query(ge=32, le=512, description="tile side in pixels")] = 128,
+    columns: Annotated[int | None, Query(ge=1, le=64)] = None,
+) -> Response:
+    # A sync route: FastAPI runs it in its thread pool, so drawing hundreds of tiles never blocks the loop.
+    batch = visible_batch(session, principal, batch_id)
+    sheet = batch_contact_sheet(session, get_store(), batch.id, verdicts=[v.value for v in verdict or ()],
+                                limit=limit, offset=offset, tile_size=tile, columns=columns)
+    return Response(png_bytes(sheet), media_type="image/png", headers={
+        "Content-Disposition": f'inline; filename="contact-sheet-{batch_id}.png"', "Cache-Control": "no-store",
+    })
