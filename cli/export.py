@@ -8,10 +8,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from PIL import Image as PILImage
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
-
-from PIL import Image as PILImage
 
 from core.storage import ObjectStore
 from models import Image, Item

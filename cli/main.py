@@ -23,7 +23,8 @@ from typing import Annotated, Any, Callable, Optional
 import typer
 from rich.console import Console
 
-from cli.audit import audit_app, cli_actor, provenance
+from cli.audit import audit_app, cli_actor
+from cli.provenance import provenance
 
 app = typer.Typer(help="InstaBatch: bulk product images with one-step InstaFlow generation.",
                   no_args_is_help=True, pretty_exceptions_show_locals=False)

@@ -16,7 +16,6 @@ from pathlib import Path
 
 from worker.app import WORKER_QUEUES
 
-
 DEFAULT_APP = "worker.celery_app"
 
 

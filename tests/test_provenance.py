@@ -10,7 +10,7 @@ from PIL import Image as PILImage
 from sqlalchemy import select
 from typer.testing import CliRunner
 
-from cli.audit import provenance
+from cli.provenance import provenance
 from core import audit, ledger
 from core.db import make_engine, session_scope
 from core.provenance import encode_png
