@@ -211,7 +211,7 @@ def test_refine_runs_after_generation_and_is_recorded(configure, random_checkpoi
 
 
 def test_webhooks_to_internal_addresses_are_refused_by_default(embedded: Stack):
-    from worker.completion import InternalAddressRefused, refuse_internal_address
+    from worker.webhooks import InternalAddressRefused, refuse_internal_address
 
     assert not embedded.settings.webhook_allow_private
     for url in ("http://127.0.0.1:8080/hook", "http://10.1.2.3/hook", "http://169.254.169.254/latest/meta-data",
