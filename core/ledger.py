@@ -9,19 +9,20 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session
 
 from core import audit
 from core.broker import QUEUE_FOR_PRIORITY
+from core.params import MAX_SEED
 from models import Batch, BatchStatus, Item, ItemState, Outbox, QcResult, utcnow
 from models.base import new_id
 
-MAX_SEED = 2**32 - 1
+T = TypeVar("T")
 
 
 class IdempotencyConflict(Exception):
@@ -113,30 +114,28 @@ def _item_row(batch_id: str, seq: int, item: ItemSpec) -> dict[str, Any]:
     }
 
 
-def image_seed(item_seed: int, index: int) -> int:
-    """Image ``index`` of an item draws from ``seed + index``, wrapped into the seed range: torch's
-    CPU generator reads 32 bits, so an unwrapped 2**32 would repeat seed 0's noise."""
-    return (item_seed + index) % (MAX_SEED + 1)
-
-
 def find_by_idempotency_key(session: Session, team: str, key: str) -> Batch | None:
     return session.scalar(select(Batch).where(Batch.team == team, Batch.idempotency_key == key))
 
 
-def chunk_items(rows: Iterable[dict[str, Any]], chunk_images: int) -> list[list[str]]:
+def pack_by_images(entries: Iterable[T], limit: int, images: Callable[[T], int]) -> Iterator[list[T]]:
+    """Whole entries in order, at most ``limit`` images per group (a bigger entry goes alone)."""
+    group: list[T] = []
+    count = 0
+    for entry in entries:
+        if group and count + images(entry) > limit:
+            yield group
+            group, count = [], 0
+        group.append(entry)
+        count += images(entry)
+    if group:
+        yield group
+
+
+def chunk_items(rows: Iterable[Mapping[str, Any]], chunk_images: int) -> list[list[str]]:
     """Group item ids in order so that each chunk yields at most ``chunk_images`` images."""
-    chunks: list[list[str]] = []
-    current: list[str] = []
-    images = 0
-    for row in rows:
-        if current and images + row["num_images"] > chunk_images:
-            chunks.append(current)
-            current, images = [], 0
-        current.append(row["id"])
-        images += row["num_images"]
-    if current:
-        chunks.append(current)
-    return chunks
+    return [[row["id"] for row in group]
+            for group in pack_by_images(rows, chunk_images, lambda row: row["num_images"])]
 
 
 def enqueue_chunks(session: Session, batch: Batch, rows: Sequence[dict[str, Any]], chunk_images: int) -> int:

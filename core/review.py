@@ -32,7 +32,7 @@ from sqlalchemy.orm.attributes import set_committed_value
 
 from core import audit
 from core.broker import QUEUE_FOR_PRIORITY
-from core.ledger import MAX_SEED
+from core.params import MAX_SEED
 from models import Batch, Image, Item, Review, ReviewDecision, Verdict, utcnow
 from models.base import new_id
 

@@ -14,7 +14,7 @@ _EXPORTS = {
     "InstaFlowOutput": "instaflow.pipeline",
     "ModelNotFoundError": "instaflow.loading",
     "weights_fingerprint": "instaflow.loading",
-    "RefineParams": "instaflow.refine",
+    "RefineParams": "core.params",
     "RectifiedFlowRefiner": "instaflow.refine",
     "SDXLRefiner": "instaflow.refine",
     "load_refiner": "instaflow.refine",

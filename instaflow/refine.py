@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Literal, Protocol, Sequence
+from typing import Protocol, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
 
+from core.params import RefineParams
 from instaflow.loading import (
     ModelNotFoundError,
     default_device,
@@ -38,17 +38,6 @@ from instaflow.pipeline import InstaFlowOutput, InstaFlowPipeline
 
 RECTIFIED_FLOW_CLASSES = ("RectifiedFlowPipeline", "InstaFlowPipeline")
 SDXL_IMG2IMG_CLASSES = ("StableDiffusionXLImg2ImgPipeline",)
-
-
-class RefineParams(BaseModel):
-    """`params.refine` of a batch: whether and how to polish the one-step images."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    enabled: bool = False
-    strength: float = Field(0.3, ge=0.1, le=0.9, description="share of the flow re-run: t0 = 1 - strength")
-    steps: int = Field(4, ge=1, le=50, description="refiner steps actually run")
-    upscale: Literal[1, 2] = Field(1, description="resize factor before refining")
 
 
 class Refiner(Protocol):

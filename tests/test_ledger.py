@@ -8,6 +8,7 @@ import redis
 from sqlalchemy import func, select, update
 
 from core import ledger
+from core import params as seed_range
 from core.broker import make_celery
 from core.db import make_engine, session_factory, session_scope
 from core.dispatch import dispatch_pending
@@ -102,6 +103,6 @@ def test_relay_publishes_each_pending_chunk_once_to_redis(pg_url, redis_url):
 
 
 def test_image_seeds_wrap_into_the_seed_range():
-    assert ledger.image_seed(7, 2) == 9
-    assert ledger.image_seed(ledger.MAX_SEED, 1) == 0  # not 2**32, whose noise torch would draw as seed 0's
-    assert all(0 <= ledger.image_seed(ledger.MAX_SEED - 1, i) <= ledger.MAX_SEED for i in range(8))
+    assert seed_range.image_seed(7, 2) == 9
+    assert seed_range.image_seed(seed_range.MAX_SEED, 1) == 0  # not 2**32, whose noise torch would draw as seed 0's
+    assert all(0 <= seed_range.image_seed(seed_range.MAX_SEED - 1, i) <= seed_range.MAX_SEED for i in range(8))

@@ -146,11 +146,12 @@ def test_a_refined_image_has_the_same_bytes_alone_as_in_a_full_pass(configure, r
     a retry regenerates an item alone and must store what the first run would have. The refine
     pass is padded like the one-step pass; unpadded, these images came out up to a level apart."""
     from core.settings import get_settings
-    from worker.engine import Engine, GenerationParams
+    from core.params import GenerationParams
+    from worker.model_runner import ModelRunner
 
     configure(INSTABATCH_MODEL=str(random_checkpoint), INSTABATCH_REFINER=str(random_checkpoint),
               INSTABATCH_MICRO_BATCH="4", INSTABATCH_TORCH_THREADS="1")
-    engine = Engine(get_settings())
+    engine = ModelRunner(get_settings())
     params = GenerationParams.from_batch({"refine": {"enabled": True, "upscale": 2}})
     prompts, seeds = ["a red mug", "a blue box on white", "a green lamp", "a pink sneaker"], [0, 1, 2, 3]
     together = engine.generate(prompts, seeds, params).images

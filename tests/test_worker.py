@@ -16,7 +16,7 @@ from core.broker import GENERATE_TASK
 from core.provenance import read_png_provenance
 from models import Batch, Image, Outbox, QcResult
 from tests.workerkit import Stack, build_stack, running_worker
-from worker.engine import Engine
+from worker.model_runner import ModelRunner
 
 PROMPTS = ["a red mug on a white table", "a blue sneaker, studio light", "a green bottle",
            "a yellow lamp", "a black backpack"]
@@ -89,14 +89,14 @@ def test_a_duplicate_delivery_generates_nothing_twice(real: Stack):
 
 
 def test_a_poison_item_fails_alone_while_the_rest_succeeds(real: Stack, monkeypatch):
-    original = Engine.generate
+    original = ModelRunner.generate
 
     def generate(self, prompts, seeds, params):
         if any("POISON" in prompt for prompt in prompts):
             raise RuntimeError("the engine choked on this prompt")
         return original(self, prompts, seeds, params)
 
-    monkeypatch.setattr(Engine, "generate", generate)
+    monkeypatch.setattr(ModelRunner, "generate", generate)
     prompts = PROMPTS[:2] + ["a POISON pill"] + PROMPTS[2:]
     with running_worker(real):
         batch_id = real.submit(prompts, chunk_images=4)
@@ -112,8 +112,8 @@ def test_a_poison_item_fails_alone_while_the_rest_succeeds(real: Stack, monkeypa
 def test_a_blocked_prompt_fails_with_its_reason_before_generation(embedded: Stack, monkeypatch):
     pytest.importorskip("qc.screening")
     calls: list[list[str]] = []
-    original = Engine.generate
-    monkeypatch.setattr(Engine, "generate", lambda self, p, s, params: calls.append(list(p)) or original(self, p, s, params))
+    original = ModelRunner.generate
+    monkeypatch.setattr(ModelRunner, "generate", lambda self, p, s, params: calls.append(list(p)) or original(self, p, s, params))
     with running_worker(embedded):
         batch_id = embedded.submit(["a red mug", "a gore scene with a mug"])
         counts = embedded.wait_until_done(batch_id)
@@ -125,7 +125,7 @@ def test_a_blocked_prompt_fails_with_its_reason_before_generation(embedded: Stac
 
 
 def test_cancel_stops_a_running_chunk_between_micro_batches(embedded: Stack, monkeypatch):
-    original = Engine.generate
+    original = ModelRunner.generate
     batch_ids: list[str] = []
 
     def generate_then_cancel(self, prompts, seeds, params):
@@ -136,7 +136,7 @@ def test_cancel_stops_a_running_chunk_between_micro_batches(embedded: Stack, mon
             session.commit()
         return out
 
-    monkeypatch.setattr(Engine, "generate", generate_then_cancel)
+    monkeypatch.setattr(ModelRunner, "generate", generate_then_cancel)
     embedded.settings.micro_batch = 1  # one image per pass: a cancel check before each
     batch_ids.append(embedded.submit(PROMPTS, chunk_images=len(PROMPTS)))
     with running_worker(embedded):

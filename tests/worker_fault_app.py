@@ -8,12 +8,12 @@ import time
 
 from worker.app import create_app
 from worker.chunk import ChunkRunner
-from worker.engine import Engine
+from worker.model_runner import ModelRunner
 
 CRASH_MARKER = "CRASH-THE-WORKER"
 SLOW_MARKER = "TAKE-YOUR-TIME"
 SLOW_SECONDS = 20
-_generate = Engine.generate
+_generate = ModelRunner.generate
 _run = ChunkRunner.run
 
 
@@ -35,6 +35,6 @@ def _die_once_before_claiming(self, item_ids):
     return _run(self, item_ids)
 
 
-Engine.generate = _generate_or_die
+ModelRunner.generate = _generate_or_die
 ChunkRunner.run = _die_once_before_claiming
 app = create_app()

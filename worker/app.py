@@ -79,7 +79,7 @@ def create_app(settings: Settings | None = None) -> Celery:
         """A prefork child loads the model as it starts, so the load never eats into a task's time
         limits. Only children get this signal: the parent never touches the model (nor CUDA)."""
         try:
-            ctx.engine.load()
+            ctx.model.load()
         except Exception:  # the first task will fail to load it too, and give its items back
             log.exception("could not load the model in worker process %s", os.getpid())
 

@@ -16,23 +16,21 @@ import logging
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import select
 
 from core import audit
 from core.dispatch import dispatch_pending
-from core.ledger import image_seed
-from core.provenance import encode_png
-from models import Batch, Image, Item, ItemState, QcResult, utcnow
-from models.base import new_id
+from core.ledger import pack_by_images
+from core.params import image_seed
+from models import Batch, Item, ItemState, utcnow
 from worker import leases
 from worker.completion import complete_if_done
 from worker.context import WorkerContext, worker_identity
-from worker.engine import GenerationParams
 from worker.leases import ClaimedItem
-from worker.records import object_metadata, provenance, storage_key
+from worker.steps import BatchView, ImageSteps, RenderedImage, UploadedImage
 from worker.version import code_version
 
 log = logging.getLogger(__name__)
@@ -56,42 +54,6 @@ class ChunkReport:
                 "seconds": {k: round(v, 4) for k, v in self.seconds.items()}}
 
 
-@dataclass
-class BatchView:
-    id: str
-    params: dict[str, Any]
-    generation: GenerationParams
-
-
-@dataclass
-class RenderedImage:
-    """A generated image, encoded as PNG with its provenance."""
-
-    item: ClaimedItem
-    index: int
-    seed: int
-    picture: Any  # PIL image, for QC
-    nsfw: bool
-    png: bytes
-    record: dict[str, Any]
-    timings: dict[str, float]
-
-
-@dataclass
-class StoredImage:
-    """A rendered image stored under its key, not yet recorded in the ledger."""
-
-    id: str
-    rendered: RenderedImage
-    key: str
-    sha256: str
-    qc: Any = None  # qc.results.QcOutcome, or None without QC
-
-    @property
-    def item(self) -> ClaimedItem:
-        return self.rendered.item
-
-
 class ChunkRunner:
     def __init__(self, ctx: WorkerContext, task_id: str):
         self.ctx = ctx
@@ -100,11 +62,10 @@ class ChunkRunner:
         self.worker = worker_identity()
         self.owner = leases.lease_owner(self.worker, task_id)
         self.actor = f"worker:{self.worker}"
-        self.report = ChunkReport()
+        self.steps = ImageSteps(ctx, actor=self.actor)
+        self.report = ChunkReport(seconds=self.steps.seconds)
         self.held: set[str] = set()
         self.touched_batches: set[str] = set()
-        self._batches: dict[str, BatchView] = {}
-        self._known_hashes: dict[str, dict[int, str]] = {}
 
     # -- the task ----------------------------------------------------------------------
 
@@ -154,10 +115,10 @@ class ChunkRunner:
         self.held.update(item.id for item in items)
         self.report.claimed += len(items)
         if items:
-            self.ctx.engine.load()  # a model that cannot load is the worker's fault: raise, give back
+            self.ctx.model.load()  # a model that cannot load is the worker's fault: raise, give back
         for batch_id in dict.fromkeys(item.batch_id for item in items):
             self.touched_batches.add(batch_id)
-            batch = self._batch(batch_id)
+            batch = self.steps.batch(batch_id)
             allowed = self._screen(batch, [item for item in items if item.batch_id == batch_id])
             if not isolate:
                 self._generate_items(batch, allowed)
@@ -175,17 +136,6 @@ class ChunkRunner:
 
     # -- per batch ---------------------------------------------------------------------
 
-    def _batch(self, batch_id: str) -> BatchView:
-        if batch_id not in self._batches:
-            with self.ctx.sessions() as session:
-                params = session.scalar(select(Batch.params).where(Batch.id == batch_id)) or {}
-                hashes = session.execute(
-                    select(Image.phash, Image.id).where(Image.batch_id == batch_id, Image.phash.is_not(None))
-                ).all()
-            self._batches[batch_id] = BatchView(batch_id, params, GenerationParams.from_batch(params))
-            self._known_hashes[batch_id] = {int(phash, 16): image_id for phash, image_id in hashes}
-        return self._batches[batch_id]
-
     def _screen(self, batch: BatchView, items: list[ClaimedItem]) -> list[ClaimedItem]:
         allowed = []
         for item in items:
@@ -197,7 +147,7 @@ class ChunkRunner:
         return allowed
 
     def _generate_items(self, batch: BatchView, items: list[ClaimedItem]) -> None:
-        groups = list(pack(items, self.settings.micro_batch))
+        groups = list(pack_by_images(items, self.settings.micro_batch, lambda item: item.num_images))
         for position, group in enumerate(groups):
             if self._cancel_requested(batch.id):
                 self._cancel_held(batch, [item for rest in groups[position:] for item in rest])
@@ -234,8 +184,8 @@ class ChunkRunner:
             return
         # From here on, errors are the infrastructure's (storage, database): the task fails and
         # gives its items back, rather than failing items that did nothing wrong.
-        stored = self._store(rendered)
-        self._check_quality(batch, stored)
+        stored = self.steps.store(rendered)
+        self.steps.check(batch, stored)
         self._record(batch, group, stored, time.perf_counter() - started)
 
     def _render(self, batch: BatchView, group: list[ClaimedItem]) -> list[RenderedImage]:
@@ -243,82 +193,22 @@ class ChunkRunner:
         jobs = [(item, index, image_seed(item.seed, index)) for item in group for index in range(item.num_images)]
         rendered: list[RenderedImage] = []
         for start in range(0, len(jobs), self.settings.micro_batch):
-            rendered.extend(self._render_pass(batch, jobs[start:start + self.settings.micro_batch]))
+            rendered.extend(self.steps.render(batch, jobs[start:start + self.settings.micro_batch]))
         return rendered
 
-    def _render_pass(self, batch: BatchView, jobs: list[tuple[ClaimedItem, int, int]]) -> list[RenderedImage]:
-        engine = self.ctx.engine
-        result = engine.generate([item.prompt for item, _, _ in jobs], [seed for _, _, seed in jobs], batch.generation)
+    def _record(self, batch: BatchView, group: list[ClaimedItem], stored: list[UploadedImage], duration: float) -> None:
         began = time.perf_counter()
-        identity = {"model": engine.model_id, "weights_sha256": engine.weights_sha256}
-        extra = engine.refiner_identity() if batch.generation.refine else None
-        records = [
-            provenance(item_id=item.id, batch_id=item.batch_id, external_id=item.external_id, prompt=item.prompt,
-                       seed=seed, index=index, params=batch.generation.canonical(), extra=extra, **identity)
-            for item, index, seed in jobs
-        ]
-        pngs = [encode_png(picture, record) for picture, record in zip(result.images, records)]
-        stages = {**result.seconds, "encode": time.perf_counter() - began}
-        for name, seconds in stages.items():
-            self.report.seconds[name] += seconds
-        return [
-            RenderedImage(item, index, seed, picture, flag, png, record,
-                          {name: seconds / len(jobs) for name, seconds in stages.items()})
-            for (item, index, seed), picture, flag, png, record
-            in zip(jobs, result.images, result.nsfw_flags, pngs, records)
-        ]
-
-    def _store(self, rendered: list[RenderedImage]) -> list[StoredImage]:
-        began = time.perf_counter()
-
-        def put(image: RenderedImage) -> StoredImage:
-            key = storage_key(image.item.batch_id, image.item.seq, image.item.id, image.index)
-            result = self.ctx.store.put(key, image.png, object_metadata(image.record))
-            return StoredImage(new_id(), image, key, result.sha256)
-
-        # Uploads are network-bound: several at once (boto3 clients are thread-safe).
-        stored = list(self.ctx.uploads.map(put, rendered)) if len(rendered) > 1 else [put(i) for i in rendered]
-        elapsed = time.perf_counter() - began
-        self.report.seconds["store"] += elapsed
-        for image in stored:
-            image.rendered.timings["store"] = elapsed / len(stored)
-        return stored
-
-    def _check_quality(self, batch: BatchView, stored: list[StoredImage]) -> None:
-        checker = self.ctx.quality_checker
-        if checker is None or not stored:
-            return
-        began = time.perf_counter()
-        try:
-            outcomes = checker.check([image.rendered.picture for image in stored],
-                                     [image.item.prompt for image in stored],
-                                     nsfw_flags=[image.rendered.nsfw for image in stored],
-                                     known_hashes=self._known_hashes[batch.id])
-        except SoftTimeLimitExceeded:
-            raise
-        except Exception:  # QC never fails generation: the images go to a human instead
-            log.exception("QC failed for %d images of batch %s", len(stored), batch.id)
-            outcomes = [None] * len(stored)
-        elapsed = time.perf_counter() - began
-        self.report.seconds["qc"] += elapsed
-        for image, outcome in zip(stored, outcomes):
-            image.qc = outcome
-            image.rendered.timings["qc"] = elapsed / len(stored)
-
-    def _record(self, batch: BatchView, group: list[ClaimedItem], stored: list[StoredImage], duration: float) -> None:
-        began = time.perf_counter()
-        engine = self.ctx.engine
         with self.ctx.sessions() as session:
             owned = leases.finish(session, [item.id for item in group], owner=self.owner,
                                   state=ItemState.SUCCEEDED, now=utcnow())
             for image in stored:
                 if image.item.id in owned:
-                    self._add_image(session, batch, image)
+                    self.steps.record(session, batch, image)
             for item in group:
                 if item.id in owned:
                     images = [image for image in stored if image.item.id == item.id]
                     audit.record(session, "item.generated", actor=self.actor, batch_id=batch.id, item_id=item.id,
-                                 payload=self._generated_payload(batch, item, images, duration, engine))
+                                 payload=self._generated_payload(batch, item, images, duration))
             session.commit()
         lost = [item.id for item in group if item.id not in owned]
         if lost:
@@ -327,54 +217,22 @@ class ChunkRunner:
         self.report.succeeded += len(owned)
         self.report.images += sum(1 for image in stored if image.item.id in owned)
         self.report.seconds["ledger"] += time.perf_counter() - began
-        for image in stored:
-            if image.qc is not None and image.qc.phash is not None:
-                self._known_hashes[batch.id][image.qc.phash] = image.id
+        self.steps.remember_hashes(batch, [image for image in stored if image.item.id in owned])
 
-    def _add_image(self, session: Any, batch: BatchView, image: StoredImage) -> None:
-        engine = self.ctx.engine
-        outcome = image.qc
-        verdict = outcome.verdict if outcome is not None else ("review" if self.ctx.quality_checker else None)
-        reasons = list(outcome.reasons) if outcome is not None else (["qc_error"] if verdict else None)
-        phash = outcome.to_dict()["phash"] if outcome is not None else None
-        rendered = image.rendered
-        session.add(Image(
-            id=image.id, item_id=image.item.id, batch_id=batch.id, index=rendered.index, seed=rendered.seed,
-            storage_key=image.key, sha256=image.sha256, width=rendered.picture.width, height=rendered.picture.height,
-            model_id=engine.model_id, weights_sha256=engine.weights_sha256,
-            refine={**batch.generation.refine, **engine.refiner_identity()} if batch.generation.refine else None,
-            timings={name: round(value, 6) for name, value in rendered.timings.items()},
-            phash=phash, qc_verdict=verdict, qc_reasons=reasons, created_at=utcnow(),
-        ))
-        if outcome is None:
-            return
-        session.flush()  # the image row first: qc_results point at it
-        for result in outcome.results:
-            row = result.to_dict()
-            session.add(QcResult(image_id=image.id, scorer=row["scorer"], scorer_version=row["version"],
-                                 metrics=row["metrics"], thresholds=row["thresholds"], verdict=row["verdict"],
-                                 reasons=row["reasons"], created_at=utcnow()))
-        audit.record(session, "qc.verdict", actor=self.actor, batch_id=batch.id, item_id=image.item.id,
-                     image_id=image.id, payload={
-                         "verdict": verdict, "reasons": reasons, "advisories": list(outcome.advisories),
-                         "phash": phash,
-                         "scorers": [{"scorer": r.scorer, "version": r.version, "verdict": r.verdict}
-                                     for r in outcome.results],
-                         "notes": list(getattr(outcome, "notes", []) or []),
-                     })
-
-    def _generated_payload(self, batch: BatchView, item: ClaimedItem, images: list[StoredImage], duration: float,
-                           engine: Any) -> dict[str, Any]:
+    def _generated_payload(self, batch: BatchView, item: ClaimedItem, images: list[UploadedImage],
+                           duration: float) -> dict[str, Any]:
+        model = self.ctx.model
         payload = {
-            "model": engine.model_id, "weights_sha256": engine.weights_sha256, "code_version": code_version(),
-            "prompt": item.prompt, "external_id": item.external_id, "seed": item.seed, "params": batch.params, "worker": self.worker, "task_id": self.task_id,
-            "attempt": item.attempts, "duration_s": round(duration, 4),
-            "sha256": [image.sha256 for image in images],
+            "model": model.model_id, "weights_sha256": model.weights_sha256, "code_version": code_version(),
+            "prompt": item.prompt, "external_id": item.external_id, "seed": item.seed, "params": batch.params,
+            "worker": self.worker, "task_id": self.task_id, "attempt": item.attempts,
+            "duration_s": round(duration, 4), "sha256": [image.sha256 for image in images],
             "images": [{"image_id": image.id, "index": image.rendered.index, "seed": image.rendered.seed,
                         "storage_key": image.key, "sha256": image.sha256} for image in images],
         }
-        if batch.generation.refine:
-            payload["refine"] = {**batch.generation.refine, **engine.refiner_identity()}
+        refine = self.steps.refine_record(batch)
+        if refine:
+            payload["refine"] = refine
         return payload
 
     # -- ending items without images ---------------------------------------------------
@@ -416,17 +274,3 @@ class ChunkRunner:
             dispatch_pending(self.ctx.sessions, self.ctx.celery)
         except Exception:  # the database may be what failed: the lease expires and the sweeper requeues
             log.exception("could not give back %d items; the sweeper will requeue them", len(self.held))
-
-
-def pack(items: Sequence[ClaimedItem], limit: int) -> Iterator[list[ClaimedItem]]:
-    """Whole items in order, at most ``limit`` images per group (a bigger item goes alone)."""
-    group: list[ClaimedItem] = []
-    images = 0
-    for item in items:
-        if group and images + item.num_images > limit:
-            yield group
-            group, images = [], 0
-        group.append(item)
-        images += item.num_images
-    if group:
-        yield group

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from core.db import make_engine, session_factory
 from core.settings import Settings
 from core.storage import ObjectStore, make_store
-from worker.engine import Engine
+from worker.model_runner import ModelRunner
 
 log = logging.getLogger(__name__)
 UPLOAD_THREADS = 8
@@ -34,7 +34,7 @@ class WorkerContext:
         self._pid = os.getpid()
         self._sessions: sessionmaker[Session] | None = None
         self._store: ObjectStore | None = None
-        self._engine: Engine | None = None
+        self._model: ModelRunner | None = None
         self._checker: Any = None
         self._screening: Any = None
         self._uploads: ThreadPoolExecutor | None = None
@@ -66,11 +66,11 @@ class WorkerContext:
         return self._uploads
 
     @property
-    def engine(self) -> Engine:
+    def model(self) -> ModelRunner:
         self._this_process()
-        if self._engine is None:
-            self._engine = Engine(self.settings)
-        return self._engine
+        if self._model is None:
+            self._model = ModelRunner(self.settings)
+        return self._model
 
     @property
     def quality_checker(self) -> Any | None:

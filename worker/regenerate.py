@@ -3,7 +3,7 @@
 The request is in the ledger before the task runs (``core.review.decide``): the parent's Review
 row names the new image's id, and the seed follows from the parent's id and its place in the
 regeneration chain. The task renders, stores, checks and records that one image with the
-chunk runner's own steps (``worker/chunk.py``), and links it with ``parent_image_id``.
+chunk runner's own steps (``worker/steps.py``), and links it with ``parent_image_id``.
 
 Idempotent under at-least-once delivery: the new image's id and storage key are fixed by the
 request, the store is write-once (a second run adopts the object), and an image row that
@@ -23,10 +23,9 @@ from sqlalchemy.exc import IntegrityError
 from core import audit
 from core import review as ledger_review
 from models import Image, Item
-from worker.chunk import ChunkRunner, StoredImage
-from worker.context import WorkerContext
+from worker.context import WorkerContext, worker_identity
 from worker.leases import ClaimedItem
-from worker.records import object_metadata
+from worker.steps import BatchView, ImageSteps, UploadedImage
 
 log = logging.getLogger(__name__)
 
@@ -44,14 +43,14 @@ def regenerate_image(ctx: WorkerContext, parent_image_id: str, seed: int, task_i
     job, status = _job(ctx, parent_image_id, seed)
     if job is None:
         return {"status": status, "parent_image_id": parent_image_id}
-    runner = ChunkRunner(ctx, task_id)
-    batch = runner._batch(job.parent.batch_id)
-    rendered = runner._render_pass(batch, [(job.item, job.parent.index, job.request.seed)])[0]
+    steps = ImageSteps(ctx, actor=f"worker:{worker_identity()}")
+    batch = steps.batch(job.parent.batch_id)
+    rendered = steps.render(batch, [(job.item, job.parent.index, job.request.seed)])[0]
     key = regenerated_key(job.parent.storage_key, job.request.new_image_id)
-    put = ctx.store.put(key, rendered.png, object_metadata({**rendered.record, "parent_image_id": job.parent.id}))
-    stored = StoredImage(job.request.new_image_id, rendered, key, put.sha256)
-    runner._check_quality(batch, [stored])
-    created = _record(ctx, runner, batch, job, stored)
+    stored = steps.upload(rendered, key, image_id=job.request.new_image_id,
+                          metadata={"parent_image_id": job.parent.id})
+    steps.check(batch, [stored])
+    created = _record(ctx, steps, batch, job, stored)
     return {"status": "created" if created else "exists", "parent_image_id": parent_image_id,
             "image_id": job.request.new_image_id, "seed": job.request.seed,
             "verdict": stored.qc.verdict if stored.qc is not None else None}
@@ -85,18 +84,18 @@ def regenerated_key(parent_key: str, new_image_id: str) -> str:
     return f"{folder}/regenerated-{new_image_id}.png"
 
 
-def _record(ctx: WorkerContext, runner: ChunkRunner, batch: Any, job: Job, stored: StoredImage) -> bool:
+def _record(ctx: WorkerContext, steps: ImageSteps, batch: BatchView, job: Job, stored: UploadedImage) -> bool:
     """The image row (with QC rows and the qc.verdict event), its parent link and an
     ``image.regenerated`` event, in one transaction. False when a twin delivery recorded it first."""
     with ctx.sessions() as session:
         try:
             if session.scalar(select(Image.id).where(Image.id == stored.id)) is not None:
                 return False
-            runner._add_image(session, batch, stored)
+            steps.record(session, batch, stored)
             session.flush()
             image = session.get(Image, stored.id)
             image.parent_image_id = job.parent.id
-            audit.record(session, "image.regenerated", actor=runner.actor, batch_id=job.parent.batch_id,
+            audit.record(session, "image.regenerated", actor=steps.actor, batch_id=job.parent.batch_id,
                          item_id=job.item.id, image_id=stored.id, payload={
                              "parent_image_id": job.parent.id, "seed": job.request.seed,
                              "generation": job.request.generation, "storage_key": stored.key,

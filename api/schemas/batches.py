@@ -8,80 +8,18 @@ from __future__ import annotations
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_validator
 
 from api.schemas.common import RequestModel, ResponseModel, StrippedText, Text, UtcDatetime
 from api.schemas.review import ReviewCounts
-from core.ledger import MAX_SEED, BatchSpec, ItemSpec
+from core.ledger import BatchSpec, ItemSpec
+from core.params import MAX_SEED, GenerationParams, RefineParams
 from core.settings import get_settings
 from models import BatchStatus, ItemState
 
 Priority = Literal["low", "normal", "high"]
 MAX_NAME_CHARS = 200  # batches.name, items.external_id
 MAX_URL_CHARS = 2000  # batches.webhook_url
-MAX_GUIDANCE = 20.0
-MAX_STEPS = 50
-
-
-class RefineParams(RequestModel):
-    """``params.refine``. Mirrors ``instaflow.refine.RefineParams``, which the API cannot import
-    (that module loads torch, and the API never does)."""
-
-    enabled: bool = False
-    strength: float = Field(0.3, ge=0.1, le=0.9, allow_inf_nan=False,
-                            description="share of the flow re-run by the refiner")
-    steps: int = Field(4, ge=1, le=MAX_STEPS, description="refiner steps")
-    upscale: Literal[1, 2] = Field(1, description="resize factor before refining")
-
-
-class GenerationParams(RequestModel):
-    """``params``: how every image of the batch is generated."""
-
-    width: int | None = Field(None, description="multiple of 8 within MIN/MAX_IMAGE_SIDE; default: the model's size")
-    height: int | None = Field(None, description="multiple of 8 within MIN/MAX_IMAGE_SIDE; default: the model's size")
-    guidance_scale: float = Field(0.0, ge=0.0, le=MAX_GUIDANCE, allow_inf_nan=False,
-                                  description="0 = InstaFlow's single pass; > 1 turns on classifier-free guidance")
-    num_inference_steps: int = Field(1, ge=1, le=MAX_STEPS, description="Euler steps; 1 for InstaFlow")
-    negative_prompt: Text | None = Field(None, description="only with guidance_scale > 1")
-    refine: RefineParams = Field(default_factory=RefineParams)
-    model: Literal["default"] = "default"
-
-    @field_validator("width", "height")
-    @classmethod
-    def _side(cls, value: int | None) -> int | None:
-        if value is None:
-            return value
-        settings = get_settings()
-        if value % 8 or not settings.min_side <= value <= settings.max_side:
-            raise ValueError(f"must be a multiple of 8 from {settings.min_side} to {settings.max_side}")
-        return value
-
-    @field_validator("negative_prompt")
-    @classmethod
-    def _negative_prompt_length(cls, value: str | None) -> str | None:
-        if value is not None and len(value) > get_settings().max_prompt_chars:
-            raise ValueError(f"must have at most {get_settings().max_prompt_chars} characters")
-        return value
-
-    @model_validator(mode="after")
-    def _negative_prompt_needs_guidance(self) -> "GenerationParams":
-        if self.negative_prompt and self.guidance_scale <= 1.0:
-            raise ValueError(
-                "negative_prompt needs guidance_scale > 1: with guidance off the model runs one "
-                "conditional pass and has nowhere to use a negative prompt"
-            )
-        return self
-
-    @model_validator(mode="after")
-    def _refined_size_within_bounds(self) -> "GenerationParams":
-        """Upscaling doubles the stored image: the refined size must respect MAX_IMAGE_SIDE too."""
-        max_side = get_settings().max_side
-        if self.refine.enabled and self.refine.upscale == 2:
-            too_large = [side for side in (self.width, self.height) if side is not None and 2 * side > max_side]
-            if too_large:
-                raise ValueError(f"refine.upscale 2 makes {2 * max(too_large)} pixels, over the "
-                                 f"{max_side} allowed: ask for at most {max_side // 2} or upscale 1")
-        return self
 
 
 class ItemIn(RequestModel):

@@ -1,67 +1,20 @@
-"""The generation engine as a worker process sees it: loaded once, lazily, in the process that runs tasks.
+"""The model as a worker process sees it: loaded once, lazily, in the process that runs tasks.
 
 Nothing here imports torch at module import time, and nothing touches CUDA until the first
 task runs: a prefork parent must never initialise CUDA (its forked children could not use it),
-so the model is loaded in the process that generates (DESIGN.md, "CUDA and prefork").
+so the model is loaded in the process that generates (docs/architecture.md, "CUDA and prefork").
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
+from core.params import GenerationParams
 from core.settings import Settings
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class GenerationParams:
-    """The shape of a batch's images, read from ``batch.params`` (validated by the API)."""
-
-    width: int | None = None
-    height: int | None = None
-    num_inference_steps: int = 1
-    guidance_scale: float = 0.0
-    negative_prompt: str | None = None
-    refine: dict[str, Any] | None = field(default=None, hash=False)
-
-    @classmethod
-    def from_batch(cls, params: dict[str, Any] | None) -> "GenerationParams":
-        params = params or {}
-        steps = params.get("num_inference_steps", params.get("steps"))
-        return cls(
-            width=_int_or_none(params.get("width")),
-            height=_int_or_none(params.get("height")),
-            num_inference_steps=int(steps) if steps is not None else 1,
-            guidance_scale=float(params.get("guidance_scale") or 0.0),
-            negative_prompt=params.get("negative_prompt") or None,
-            refine=_refine_options(params.get("refine")),
-        )
-
-    def canonical(self) -> str:
-        """The params as recorded in provenance: canonical JSON, so equal params give equal bytes."""
-        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
-
-
-def _int_or_none(value: Any) -> int | None:
-    return int(value) if value is not None else None
-
-
-def _refine_options(value: Any) -> dict[str, Any] | None:
-    """``params.refine`` may be a bool or RefineParams' dict; None when refining is off."""
-    if not value:
-        return None
-    options = {"enabled": True} if value is True else dict(value)
-    if not options.get("enabled", True):
-        return None
-    try:
-        from instaflow.refine import RefineParams
-    except ImportError:
-        return {**options, "enabled": True}
-    return RefineParams(**{**options, "enabled": True}).model_dump()
 
 
 @dataclass
@@ -73,7 +26,7 @@ class Rendered:
     seconds: dict[str, float]
 
 
-class Engine:
+class ModelRunner:
     """The InstaFlow pipeline (and the refiner, when a batch asks for it) of one worker process."""
 
     def __init__(self, settings: Settings):
@@ -124,9 +77,9 @@ class Engine:
         )
         seconds = {"generate": time.perf_counter() - started}
         images, flags = list(out.images), list(out.nsfw_flags)
-        if params.refine:
+        if params.refine_options:
             started = time.perf_counter()
-            refined, refined_flags = self._refine(images, prompts, seeds, params.refine, fixed)
+            refined, refined_flags = self._refine(images, prompts, seeds, params.refine_options, fixed)
             images, flags = refined, [a or b for a, b in zip(flags, refined_flags)]
             seconds["refine"] = time.perf_counter() - started
         return Rendered(images=images, nsfw_flags=flags, seconds=seconds)

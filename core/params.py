@@ -1,0 +1,108 @@
+"""How a batch's images are made: the parameters and the seed range, read by every layer.
+
+One definition serves the API's request schemas (validated at submission), the CLI's prompt
+files and the worker (which reads them back from ``batch.params``). Torch-free: the API process
+never loads torch.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from core.settings import get_settings
+
+# Item seeds live in [0, MAX_SEED]: torch's CPU generator reads 32 bits, so a larger seed would
+# draw the same noise as a smaller one.
+MAX_SEED = 2**32 - 1
+MAX_GUIDANCE = 20.0
+MAX_STEPS = 50
+STRICT = ConfigDict(extra="forbid", strict=True)  # unknown fields are errors; "5" is no int
+
+
+def image_seed(item_seed: int, index: int) -> int:
+    """Image ``index`` of an item draws from ``seed + index``, wrapped into the seed range: an
+    unwrapped 2**32 would repeat seed 0's noise."""
+    return (item_seed + index) % (MAX_SEED + 1)
+
+
+class RefineParams(BaseModel):
+    """``params.refine``: whether and how to polish the one-step images."""
+
+    model_config = STRICT
+
+    enabled: bool = False
+    strength: float = Field(0.3, ge=0.1, le=0.9, allow_inf_nan=False,
+                            description="share of the flow re-run by the refiner: t0 = 1 - strength")
+    steps: int = Field(4, ge=1, le=MAX_STEPS, description="refiner steps actually run")
+    upscale: Literal[1, 2] = Field(1, description="resize factor before refining")
+
+
+class GenerationParams(BaseModel):
+    """``params``: how every image of the batch is generated."""
+
+    model_config = STRICT
+
+    width: int | None = Field(None, description="multiple of 8 within MIN/MAX_IMAGE_SIDE; default: the model's size")
+    height: int | None = Field(None, description="multiple of 8 within MIN/MAX_IMAGE_SIDE; default: the model's size")
+    guidance_scale: float = Field(0.0, ge=0.0, le=MAX_GUIDANCE, allow_inf_nan=False,
+                                  description="0 = InstaFlow's single pass; > 1 turns on classifier-free guidance")
+    num_inference_steps: int = Field(1, ge=1, le=MAX_STEPS, description="Euler steps; 1 for InstaFlow")
+    negative_prompt: str | None = Field(None, description="only with guidance_scale > 1")
+    refine: RefineParams = Field(default_factory=RefineParams)
+    model: Literal["default"] = "default"
+
+    @classmethod
+    def from_batch(cls, params: dict[str, Any] | None) -> "GenerationParams":
+        """The params a batch was stored with (validated once already, at submission)."""
+        return cls.model_validate(params or {}, strict=False)
+
+    @property
+    def refine_options(self) -> dict[str, Any] | None:
+        """The refine settings when refining is on, else None."""
+        return self.refine.model_dump() if self.refine.enabled else None
+
+    def canonical(self) -> str:
+        """The params as recorded in provenance: canonical JSON, so equal params give equal bytes."""
+        fields = {"width": self.width, "height": self.height, "num_inference_steps": self.num_inference_steps,
+                  "guidance_scale": float(self.guidance_scale), "negative_prompt": self.negative_prompt or None,
+                  "refine": self.refine_options}
+        return json.dumps(fields, sort_keys=True, separators=(",", ":"))
+
+    @field_validator("width", "height")
+    @classmethod
+    def _side(cls, value: int | None) -> int | None:
+        if value is None:
+            return value
+        settings = get_settings()
+        if value % 8 or not settings.min_side <= value <= settings.max_side:
+            raise ValueError(f"must be a multiple of 8 from {settings.min_side} to {settings.max_side}")
+        return value
+
+    @field_validator("negative_prompt")
+    @classmethod
+    def _negative_prompt_length(cls, value: str | None) -> str | None:
+        if value is not None and len(value) > get_settings().max_prompt_chars:
+            raise ValueError(f"must have at most {get_settings().max_prompt_chars} characters")
+        return value
+
+    @model_validator(mode="after")
+    def _negative_prompt_needs_guidance(self) -> "GenerationParams":
+        if self.negative_prompt and self.guidance_scale <= 1.0:
+            raise ValueError(
+                "negative_prompt needs guidance_scale > 1: with guidance off the model runs one "
+                "conditional pass and has nowhere to use a negative prompt"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _refined_size_within_bounds(self) -> "GenerationParams":
+        """Upscaling doubles the stored image: the refined size must respect MAX_IMAGE_SIDE too."""
+        max_side = get_settings().max_side
+        if self.refine.enabled and self.refine.upscale == 2:
+            too_large = [side for side in (self.width, self.height) if side is not None and 2 * side > max_side]
+            if too_large:
+                raise ValueError(f"refine.upscale 2 makes {2 * max(too_large)} pixels, over the "
+                                 f"{max_side} allowed: ask for at most {max_side // 2} or upscale 1")
+        return self
