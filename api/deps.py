@@ -80,12 +80,17 @@ AuditorDep = Annotated[Principal, Depends(require_roles(Role.AUDITOR))]
 AdminDep = Annotated[Principal, Depends(require_roles(Role.ADMIN))]
 
 
+def media_type(content_type: str | None) -> str:
+    """``text/csv; charset=utf-8`` -> ``text/csv``."""
+    return (content_type or "").split(";", 1)[0].strip().lower()
+
+
 def require_json_body(request: Request) -> None:
     """415 unless the body is declared JSON (for routes whose body FastAPI parses itself)::
 
         @router.post("/things", dependencies=[Depends(require_json_body)])
     """
-    content_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    content_type = media_type(request.headers.get("content-type"))
     if content_type != "application/json":
         raise APIError(415, f"unsupported Content-Type {content_type or '(none)'!r}: send application/json",
                        details={"supported": ["application/json"]})

@@ -24,6 +24,7 @@ from typing import Any
 from pydantic import ValidationError
 from starlette.datastructures import QueryParams
 
+from api.deps import media_type
 from api.errors import APIError, field_errors
 from api.schemas import BatchCreate
 
@@ -48,10 +49,6 @@ CSV_QUERY_FIELDS: dict[str, tuple[str, ...]] = {
     "refine_upscale": ("params", "refine", "upscale"),
 }
 QUERY_FOR_LOC = {loc: name for name, loc in CSV_QUERY_FIELDS.items()}
-
-
-def media_type(content_type: str | None) -> str:
-    return (content_type or "").split(";", 1)[0].strip().lower()
 
 
 def parse_batch_request(content_type: str | None, body: bytes, query: QueryParams) -> BatchCreate:

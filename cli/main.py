@@ -278,11 +278,8 @@ def eval_tiny(ctx: typer.Context) -> None:
 
 
 def _tiny(command: str, args: list[str]) -> int:
-    try:
-        from instaflow.tiny.__main__ import main
-    except ImportError as error:
-        console.print(f"[red]error:[/] the tiny model's recipe is not installed: {error}")
-        return 2
+    from instaflow.tiny.__main__ import main
+
     return main([command, *args]) or 0
 
 

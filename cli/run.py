@@ -35,7 +35,6 @@ from worker.sweeper import sweep
 CLI_TEAM = "cli"
 SWEEP_EVERY = 5.0  # seconds between sweeps in the watch loop: expired leases, pending chunks
 EXIT_OK, EXIT_ITEMS_FAILED, EXIT_TROUBLE, EXIT_INTERRUPTED = 0, 1, 3, 130
-ACTIVE = (ItemState.QUEUED.value, ItemState.RUNNING.value)
 
 
 class RunTrouble(RuntimeError):
@@ -112,7 +111,7 @@ def watch(sessions: sessionmaker[Session], celery: Any, settings: Settings, batc
         task = progress.add_task("generating", total=total, states="")
         while True:
             counts = counts_of(sessions, batch_id)
-            active = sum(counts[state] for state in ACTIVE)
+            active = sum(counts[state] for state in ItemState.active())
             progress.update(task, completed=total - active, states=describe(counts))
             if not active:
                 return
@@ -149,7 +148,7 @@ def counts_of(sessions: sessionmaker[Session], batch_id: str) -> dict[str, int]:
 
 
 def active_items(sessions: sessionmaker[Session], batch_id: str) -> int:
-    return sum(counts_of(sessions, batch_id)[state] for state in ACTIVE)
+    return sum(counts_of(sessions, batch_id)[state] for state in ItemState.active())
 
 
 def describe(counts: dict[str, int]) -> str:

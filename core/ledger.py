@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import Select, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from core import audit
@@ -236,3 +236,8 @@ def qc_results_by_image(session: Session, image_ids: Iterable[str]) -> dict[str,
         for result in session.scalars(query):
             grouped[result.image_id].append(result)
     return grouped
+
+
+def cancelled_batches() -> Select[tuple[str]]:
+    """The ids of batches whose cancel was requested (a subquery for item updates)."""
+    return select(Batch.id).where(Batch.cancel_requested_at.is_not(None))

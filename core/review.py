@@ -21,7 +21,7 @@ import hashlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any, Protocol
 
@@ -34,8 +34,7 @@ from core import audit
 from core.broker import QUEUE_FOR_PRIORITY
 from core.params import MAX_SEED
 from models import Batch, Image, Item, Review, ReviewDecision, Verdict, utcnow
-from models.base import new_id
-
+from models.base import as_utc, new_id
 
 log = logging.getLogger(__name__)
 
@@ -228,11 +227,6 @@ class QueuePosition:
         return cls(as_utc(datetime.fromisoformat(stamp)), image_id)
 
 
-def as_utc(value: datetime) -> datetime:
-    # SQLite gives naive datetimes (stored as UTC), PostgreSQL aware ones.
-    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
-
-
 def awaiting_review() -> Any:
     return and_(Image.qc_verdict == Verdict.REVIEW.value, Image.review_status.is_(None))
 
@@ -247,7 +241,7 @@ def has_reason(session: Session, reason: str) -> Any:
 
 def queue_conditions(session: Session, *, after: QueuePosition | None = None, batch_id: str | None = None,
                      reason: str | None = None, team: str | None = None) -> list[Any]:
-    """WHERE clauses on ``images`` alone, so the planner walks ``ix_images_review_queue``."""
+    """WHERE clauses on ``images`` alone, so the planner walks ``ix_images_awaiting_review`` (migration 0003)."""
     conditions = [awaiting_review()]
     if after is not None:
         # The redundant ">=" lets the planner start the index walk at the position.

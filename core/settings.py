@@ -14,8 +14,11 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-TINY_MODEL_DIR = REPO_ROOT / "instaflow" / "weights" / "tiny-instaflow"
-TINY_REFINER_DIR = REPO_ROOT / "instaflow" / "weights" / "tiny-2rf"
+# The tiny model's folders, shipped in the repository: the embedded defaults.
+WEIGHTS_DIR = REPO_ROOT / "instaflow" / "weights"
+TINY_MODEL_DIR = WEIGHTS_DIR / "tiny-instaflow"
+TINY_REFINER_DIR = WEIGHTS_DIR / "tiny-2rf"
+TINY_JUDGE_DIR = WEIGHTS_DIR / "judge"
 
 
 class Settings(BaseSettings):
@@ -52,7 +55,7 @@ class Settings(BaseSettings):
     min_side: int = Field(64, alias="MIN_IMAGE_SIDE")
     max_side: int = Field(1024, alias="MAX_IMAGE_SIDE")
 
-    # Delivery: soft limit < hard limit < visibility timeout < lease (DESIGN.md, "Visibility timeout").
+    # Delivery: soft limit < hard limit < visibility timeout < lease (docs/architecture.md, "Delivery").
     task_soft_time_limit: int = Field(240, alias="TASK_SOFT_TIME_LIMIT")
     task_time_limit: int = Field(300, alias="TASK_TIME_LIMIT")
     visibility_timeout: int = Field(360, alias="VISIBILITY_TIMEOUT")

@@ -28,7 +28,7 @@ from PIL import Image
 from instaflow.loading import Components, load_components, model_id_of, weights_fingerprint
 
 OutputType = Literal["pil", "np", "latent"]
-MAX_SEED = 2**64  # torch.Generator.manual_seed accepts [0, 2**64)
+TORCH_SEED_LIMIT = 2**64  # torch.Generator.manual_seed accepts [0, 2**64); items use core.params.MAX_SEED
 
 
 @dataclass
@@ -143,7 +143,7 @@ class InstaFlowPipeline:
             raise ValueError("prompts must be a non-empty list of strings")
         if len(seeds) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds: give one seed per prompt")
-        bad_seeds = [seed for seed in seeds if not isinstance(seed, (int, np.integer)) or not 0 <= seed < MAX_SEED]
+        bad_seeds = [seed for seed in seeds if not isinstance(seed, (int, np.integer)) or not 0 <= seed < TORCH_SEED_LIMIT]
         if bad_seeds:
             raise ValueError(f"seeds must be integers in [0, 2**64): got {bad_seeds[:3]}")
         self.check_size(height, width)

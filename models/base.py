@@ -30,5 +30,10 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
+def as_utc(value: datetime) -> datetime:
+    """Aware UTC whatever the database gave: SQLite naive datetimes (stored as UTC), PostgreSQL aware ones."""
+    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+
+
 def new_id() -> str:
     return str(uuid.uuid4())

@@ -10,7 +10,13 @@ class ItemState(StrEnum):
     CANCELLED = "cancelled"
 
     @classmethod
+    def active(cls) -> tuple["ItemState", ...]:
+        """Not finished yet: waiting for a worker or held by one."""
+        return (cls.QUEUED, cls.RUNNING)
+
+    @classmethod
     def finished(cls) -> frozenset["ItemState"]:
+        """Terminal: nothing will change the item again (short of a retry)."""
         return frozenset({cls.SUCCEEDED, cls.FAILED, cls.DEAD, cls.CANCELLED})
 
 

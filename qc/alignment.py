@@ -106,7 +106,7 @@ class AttributeJudgeScorer(Scorer):
         try:
             self._judge()
             from instaflow.tiny.prompts import parse_prompt  # noqa: F401
-        except Exception as error:  # module not there yet, weights missing, bad file
+        except Exception as error:  # weights missing or unreadable
             return f"attribute judge unavailable: {type(error).__name__}: {error}"
         return None
 

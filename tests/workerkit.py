@@ -18,8 +18,6 @@ from core.settings import Settings, get_settings
 from core.storage import ObjectStore
 from models import AuditEvent, Batch, Image, Item, ItemState
 
-ACTIVE = (ItemState.QUEUED, ItemState.RUNNING)
-
 
 @dataclass
 class Stack:
@@ -58,7 +56,7 @@ class Stack:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             counts = self.counts(batch_id)
-            if not any(counts[state] for state in ACTIVE) and self.batch(batch_id).finished_at is not None:
+            if not any(counts[state] for state in ItemState.active()) and self.batch(batch_id).finished_at is not None:
                 return counts
             time.sleep(0.2)
         raise TimeoutError(f"batch {batch_id} still active after {timeout}s: {self.counts(batch_id)}")

@@ -96,7 +96,7 @@ class ChunkRunner:
         with self.ctx.sessions() as session:
             return session.scalar(
                 select(Item.id).where(Item.id.in_(list(item_ids)), Item.attempts > 0,
-                                      Item.state.in_([ItemState.QUEUED.value, ItemState.RUNNING.value])).limit(1)
+                                      Item.state.in_(ItemState.active())).limit(1)
             ) is not None
 
     def _claim_and_generate(self, item_ids: Sequence[str], isolate: bool) -> None:

@@ -18,14 +18,13 @@ from models import Batch, Item, ItemState, utcnow
 from worker.webhooks import post_webhook
 
 log = logging.getLogger(__name__)
-ACTIVE = (ItemState.QUEUED.value, ItemState.RUNNING.value)
 
 
 def complete_if_done(sessions: sessionmaker[Session], batch_id: str, *, actor: str,
                      settings: Settings) -> bool:
     """Mark the batch finished if nothing of it is active any more; True when this call did it."""
     with sessions() as session:
-        active_items = exists().where(Item.batch_id == Batch.id, Item.state.in_(ACTIVE))
+        active_items = exists().where(Item.batch_id == Batch.id, Item.state.in_(ItemState.active()))
         won = session.execute(
             update(Batch).where(Batch.id == batch_id, Batch.finished_at.is_(None), ~active_items)
             .values(finished_at=utcnow()).returning(Batch.id).execution_options(synchronize_session=False)

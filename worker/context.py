@@ -9,7 +9,6 @@ import logging
 import os
 import socket
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 from celery import Celery
 from sqlalchemy.orm import Session, sessionmaker
@@ -17,6 +16,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from core.db import make_engine, session_factory
 from core.settings import Settings
 from core.storage import ObjectStore, make_store
+from qc.checker import QualityChecker
+from qc.screening import ScreeningPolicy, screen_prompt
 from worker.model_runner import ModelRunner
 
 log = logging.getLogger(__name__)
@@ -35,8 +36,8 @@ class WorkerContext:
         self._sessions: sessionmaker[Session] | None = None
         self._store: ObjectStore | None = None
         self._model: ModelRunner | None = None
-        self._checker: Any = None
-        self._screening: Any = None
+        self._checker: QualityChecker | None = None
+        self._screening: ScreeningPolicy | None = None
         self._uploads: ThreadPoolExecutor | None = None
 
     def _this_process(self) -> None:
@@ -73,39 +74,22 @@ class WorkerContext:
         return self._model
 
     @property
-    def quality_checker(self) -> Any | None:
-        """qc.checker.QualityChecker when the qc package is installed, else None (no QC)."""
+    def quality_checker(self) -> QualityChecker:
         self._this_process()
         if self._checker is None:
-            try:
-                from qc.checker import QualityChecker
-            except ImportError:
-                log.warning("qc package not importable: images are stored without a QC verdict")
-                self._checker = False
-            else:
-                self._checker = QualityChecker()
-        return self._checker or None
+            self._checker = QualityChecker()
+        return self._checker
 
     @property
-    def screening_policy(self) -> Any | None:
+    def screening_policy(self) -> ScreeningPolicy:
         self._this_process()
         if self._screening is None:
-            try:
-                from qc.screening import ScreeningPolicy
-            except ImportError:
-                self._screening = False
-            else:
-                self._screening = ScreeningPolicy.from_settings()
-        return self._screening or None
+            self._screening = ScreeningPolicy.from_settings()
+        return self._screening
 
     def screen(self, prompt: str) -> str | None:
         """Why a prompt must not be generated, or None when it may be."""
-        policy = self.screening_policy
-        if policy is None:
-            return None
-        from qc.screening import screen_prompt
-
-        result = screen_prompt(prompt, policy)
+        result = screen_prompt(prompt, self.screening_policy)
         if result.allowed:
             return None
         return f"prompt blocked by screening: {result.reason}" + (f" ({result.detail})" if result.detail else "")

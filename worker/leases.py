@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Sequence
 
-from sqlalchemy import and_, func, literal, or_, select, update
+from sqlalchemy import and_, func, literal, or_, update
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
-from core.ledger import enqueue_chunks
+from core.ledger import cancelled_batches, enqueue_chunks
 from models import Batch, Item, ItemState
 
 QUEUED, RUNNING = ItemState.QUEUED.value, ItemState.RUNNING.value
@@ -48,10 +48,6 @@ def lease_owner(worker: str, task_id: str) -> str:
     return f"{worker}:{task_id}"
 
 
-def _cancelled_batches() -> Any:
-    return select(Batch.id).where(Batch.cancel_requested_at.is_not(None))
-
-
 def _claimable(item_ids: Sequence[str], task_id: str, now: datetime) -> ColumnElement[bool]:
     abandoned = or_(
         Item.lease_expires_at.is_(None),
@@ -78,7 +74,7 @@ def settle_unclaimable(session: Session, item_ids: Sequence[str], task_id: str, 
     """End the claimable items that must not run: those of cancelled batches, those out of attempts."""
     claimable = _claimable(item_ids, task_id, now)
     cancelled = session.execute(
-        update(Item).where(claimable, Item.batch_id.in_(_cancelled_batches()))
+        update(Item).where(claimable, Item.batch_id.in_(cancelled_batches()))
         .values(state=ItemState.CANCELLED.value, finished_at=now, lease_owner=None, lease_expires_at=None)
         .returning(Item.id, Item.batch_id).execution_options(**NO_SYNC)
     ).all()
@@ -100,7 +96,7 @@ def claim(session: Session, item_ids: Sequence[str], *, owner: str, task_id: str
     rows = session.execute(
         update(Item)
         .where(_claimable(item_ids, task_id, now), Item.attempts < max_attempts,
-               Item.batch_id.not_in(_cancelled_batches()))
+               Item.batch_id.not_in(cancelled_batches()))
         .values(state=RUNNING, attempts=Item.attempts + int(count_attempt), lease_owner=owner,
                 lease_expires_at=now + timedelta(seconds=lease_seconds),
                 started_at=func.coalesce(Item.started_at, now), error=None)

@@ -63,7 +63,7 @@ class UploadedImage:
     rendered: RenderedImage
     key: str
     sha256: str
-    qc: Any = None  # qc.results.QcOutcome, or None without QC
+    qc: Any = None  # qc.results.QcOutcome, or None when QC failed
 
     @property
     def item(self) -> ClaimedItem:
@@ -134,12 +134,11 @@ class ImageSteps:
 
     def check(self, batch: BatchView, stored: list[UploadedImage]) -> None:
         """QC every image (``image.qc``); a QC error sends the images to a human instead of failing them."""
-        checker = self.ctx.quality_checker
-        if checker is None or not stored:
+        if not stored:
             return
         began = time.perf_counter()
         try:
-            outcomes = checker.check([image.rendered.picture for image in stored],
+            outcomes = self.ctx.quality_checker.check([image.rendered.picture for image in stored],
                                      [image.item.prompt for image in stored],
                                      nsfw_flags=[image.rendered.nsfw for image in stored],
                                      known_hashes=self._known_hashes[batch.id])
@@ -156,8 +155,8 @@ class ImageSteps:
         """The image row with its QC rows and the ``qc.verdict`` event, in the caller's transaction."""
         model = self.ctx.model
         outcome = image.qc
-        verdict = outcome.verdict if outcome is not None else ("review" if self.ctx.quality_checker else None)
-        reasons = list(outcome.reasons) if outcome is not None else (["qc_error"] if verdict else None)
+        verdict = outcome.verdict if outcome is not None else "review"  # QC failed: a human looks
+        reasons = list(outcome.reasons) if outcome is not None else ["qc_error"]
         phash = outcome.to_dict()["phash"] if outcome is not None else None
         rendered = image.rendered
         session.add(Image(

@@ -19,6 +19,7 @@ from sqlalchemy.sql.elements import ColumnElement
 from core import audit
 from core.broker import get_celery
 from core.dispatch import dispatch_pending
+from core.ledger import cancelled_batches
 from core.review import republish_pending
 from core.settings import Settings, get_settings
 from models import Batch, Item, ItemState, utcnow
@@ -58,7 +59,7 @@ def sweep(sessions: sessionmaker[Session], celery: Celery | None = None, setting
         stale = stale | Item.lease_owner.startswith(f"{owner}:", autoescape=True)
     report = SweepReport()
     with sessions() as session:
-        report.cancelled = _end(session, and_(stale, Item.batch_id.in_(_cancelled())), ItemState.CANCELLED, now)
+        report.cancelled = _end(session, and_(stale, Item.batch_id.in_(cancelled_batches())), ItemState.CANCELLED, now)
         report.dead = _end(session, and_(stale, Item.attempts >= settings.max_attempts), ItemState.DEAD, now,
                            error=leases.dead_error_with_last(settings.max_attempts))
         report.requeued = leases.requeue(session, stale, chunk_images=settings.chunk_images, note=REQUEUE_NOTE)
@@ -99,10 +100,6 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def _cancelled() -> object:
-    return select(Batch.id).where(Batch.cancel_requested_at.is_not(None))
 
 
 def _end(session: Session, condition: ColumnElement[bool], state: ItemState, now: object,

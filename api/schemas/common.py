@@ -1,10 +1,12 @@
 """Building blocks of the request and response models."""
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict
+
+from models.base import as_utc
 
 
 class RequestModel(BaseModel):
@@ -30,13 +32,6 @@ def storable_text(value: str) -> str:
 
 def stripped(value: str) -> str:
     return value.strip()
-
-
-def as_utc(value: datetime | None) -> datetime | None:
-    # SQLite gives naive datetimes (stored as UTC), PostgreSQL aware ones: answer UTC for both.
-    if value is None:
-        return None
-    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
 
 
 Text = Annotated[str, AfterValidator(storable_text)]

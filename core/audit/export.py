@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 from core.audit import chain as audit
 from core.audit.verify import EVENT_COLUMNS
 from models import AuditEvent
+from models.base import as_utc
 
 FORMATS = ("json", "jsonl", "csv")
 CSV_COLUMNS = ("seq", "ts", "actor", "action", "batch_id", "item_id", "image_id", "payload", "prev_hash", "hash")
@@ -69,10 +70,6 @@ def event_query(f: EventFilter) -> Select:
     if f.through_seq is not None:
         query = query.where(AuditEvent.seq <= f.through_seq)
     return query
-
-
-def as_utc(ts: datetime) -> datetime:
-    return ts.replace(tzinfo=timezone.utc) if ts.tzinfo is None else ts.astimezone(timezone.utc)
 
 
 def utc_iso(ts: datetime) -> str:

@@ -6,9 +6,9 @@ Entry points: `python -m instaflow.tiny train [--quick] [--out DIR] [--publish]`
 `instaflow.tiny.judge.AttributeJudge` and `instaflow.tiny.prompts.parse_prompt`.
 """
 
-from pathlib import Path
+from core.settings import TINY_JUDGE_DIR, TINY_MODEL_DIR, TINY_REFINER_DIR, WEIGHTS_DIR
 
-WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
-DEFAULT_MODEL_DIR = WEIGHTS_DIR / "tiny-instaflow"
-DEFAULT_2RF_DIR = WEIGHTS_DIR / "tiny-2rf"
-DEFAULT_JUDGE_DIR = WEIGHTS_DIR / "judge"
+DEFAULT_MODEL_DIR = TINY_MODEL_DIR
+DEFAULT_2RF_DIR = TINY_REFINER_DIR
+DEFAULT_JUDGE_DIR = TINY_JUDGE_DIR
+__all__ = ["DEFAULT_2RF_DIR", "DEFAULT_JUDGE_DIR", "DEFAULT_MODEL_DIR", "WEIGHTS_DIR"]
