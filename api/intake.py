@@ -87,9 +87,13 @@ def _errors(exc: ValidationError) -> list[dict[str, Any]]:
 
 
 def parse_csv_batch(body: bytes, query: QueryParams) -> BatchCreate:
+    return csv_batch(body, batch_from_query(query))
+
+
+def csv_batch(body: bytes, fields: dict[str, Any]) -> BatchCreate:
+    """A CSV of items plus the batch's other fields (``name``, ``params``, ...), validated as one."""
     rows, lines = read_csv_items(body)
-    data = batch_from_query(query)
-    data["items"] = rows
+    data = {**fields, "items": rows}
     try:
         # Lax: CSV cells and query parameters are text, so "12" is the seed 12 here.
         return BatchCreate.model_validate(data, strict=False)

@@ -33,12 +33,9 @@ def read_batch(path: Path, *, name: str, params: dict[str, Any]) -> BatchSpec:
 
 
 def _csv_batch(body: bytes, name: str, params: dict[str, Any]) -> BatchSpec:
-    from starlette.datastructures import QueryParams
+    from api.intake import csv_batch
 
-    from api.intake import parse_csv_batch
-
-    query = {"name": name, **{key: _query_text(value) for key, value in _flat_params(params).items()}}
-    return parse_csv_batch(body, QueryParams(query)).to_spec()
+    return csv_batch(body, {"name": name, "params": params}).to_spec()
 
 
 def _jsonl_batch(body: bytes, name: str, params: dict[str, Any]) -> BatchSpec:
@@ -60,14 +57,3 @@ def _jsonl_batch(body: bytes, name: str, params: dict[str, Any]) -> BatchSpec:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors()[:10])
         raise InputError(f"the batch is not valid: {problems}") from None
 
-
-def _flat_params(params: dict[str, Any]) -> dict[str, Any]:
-    """``{"refine": {"enabled": True, "strength": .3}}`` -> the CSV upload's query names."""
-    flat = {key: value for key, value in params.items() if key != "refine"}
-    for key, value in (params.get("refine") or {}).items():
-        flat["refine" if key == "enabled" else f"refine_{key}"] = value
-    return flat
-
-
-def _query_text(value: Any) -> str:
-    return str(value).lower() if isinstance(value, bool) else str(value)

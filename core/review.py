@@ -45,7 +45,7 @@ MAX_CHAIN = 1000  # a regeneration chain longer than this is a bug, not a workfl
 REVIEW_DECIDED = "review.decision"
 
 
-class Decision(StrEnum):
+class ReviewAction(StrEnum):
     """What a reviewer asks for; the image's ``review_status`` becomes its past tense."""
 
     APPROVE = "approve"
@@ -58,9 +58,9 @@ class Decision(StrEnum):
 
 
 STATUS_OF = {
-    Decision.APPROVE: ReviewDecision.APPROVED,
-    Decision.REJECT: ReviewDecision.REJECTED,
-    Decision.REGENERATE: ReviewDecision.REGENERATED,
+    ReviewAction.APPROVE: ReviewDecision.APPROVED,
+    ReviewAction.REJECT: ReviewDecision.REJECTED,
+    ReviewAction.REGENERATE: ReviewDecision.REGENERATED,
 }
 
 
@@ -98,11 +98,11 @@ class DecisionResult:
 
 # -- decisions ---------------------------------------------------------------------------
 
-def decide(session: Session, image: Image, decision: Decision | str, reason_code: str, *,
+def decide(session: Session, image: Image, decision: ReviewAction | str, reason_code: str, *,
            reviewer: Reviewer, comment: str | None = None) -> DecisionResult:
     """Record one decision on ``image``: status, Review row, audit event (and the regeneration
     request). The caller commits; :class:`AlreadyDecided` when the image has a decision."""
-    decision = Decision(decision)
+    decision = ReviewAction(decision)
     status = decision.status
     claimed = session.execute(
         update(Image).where(Image.id == image.id, Image.review_status.is_(None))
@@ -113,7 +113,7 @@ def decide(session: Session, image: Image, decision: Decision | str, reason_code
         current = session.scalar(select(Image.review_status).where(Image.id == image.id))
         raise AlreadyDecided(image.id, current)
     set_committed_value(image, "review_status", status.value)  # the UPDATE above wrote it
-    regeneration = regeneration_request(session, image) if decision is Decision.REGENERATE else None
+    regeneration = regeneration_request(session, image) if decision is ReviewAction.REGENERATE else None
     review = Review(
         id=new_id(), image_id=image.id, decision=status.value, reason_code=reason_code, comment=comment,
         reviewer_key_id=reviewer.key_id, reviewer_name=reviewer.name,

@@ -16,7 +16,7 @@ from typing import Any
 from qc.alignment import AttributeJudgeScorer, ClipScorer
 from qc.images import ImageInput, ImageView
 from qc.phash import HashIndex
-from qc.policy import RULES, judge, outcome_from_results
+from qc.policy import RULES, apply_thresholds, outcome_from_results
 from qc.results import QcOutcome, ScorerResult, phash_from_hex
 from qc.safety import OpenNsfwScorer, PipelineSafetyScorer
 from qc.scorers import Metrics, Scorer, ScoringBatch, default_pixel_scorers, prompts_or_none
@@ -116,7 +116,7 @@ class QualityChecker:
 
     def _judge(self, scorer: Scorer, metrics: Metrics) -> ScorerResult:
         if scorer.name in RULES:
-            return judge(scorer.name, scorer.version, metrics, self.settings)
+            return apply_thresholds(scorer.name, scorer.version, metrics, self.settings)
         return ScorerResult(scorer.name, scorer.version, metrics)  # measured only, no rule
 
     def _outcome(self, results: list[ScorerResult], notes: list[str]) -> QcOutcome:

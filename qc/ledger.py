@@ -61,7 +61,7 @@ class RejudgeReport:
 
 
 @dataclass
-class StoredImage:
+class ImageVerdicts:
     id: str
     item_id: str
     verdict: str | None
@@ -77,7 +77,7 @@ class StoredImage:
         ])
 
 
-def stored_images(session: Session, batch_id: str, page: int = PAGE_IMAGES) -> Iterator[StoredImage]:
+def image_verdicts(session: Session, batch_id: str, page: int = PAGE_IMAGES) -> Iterator[ImageVerdicts]:
     """The batch's images with their QC rows, a page at a time (keyset on image id)."""
     after = ""
     while True:
@@ -89,7 +89,7 @@ def stored_images(session: Session, batch_id: str, page: int = PAGE_IMAGES) -> I
             return
         results = qc_results_by_image(session, [row.id for row in images])
         for row in images:
-            yield StoredImage(row.id, row.item_id, row.qc_verdict, list(row.qc_reasons or []), row.review_status,
+            yield ImageVerdicts(row.id, row.item_id, row.qc_verdict, list(row.qc_reasons or []), row.review_status,
                               results[row.id])
         after = images[-1].id
 
@@ -108,7 +108,7 @@ def rejudge_batch(session: Session, batch_id: str, settings: QcSettings | None =
     _batch(session, batch_id)
     report = RejudgeReport(batch_id, dry_run=dry_run)
     events: list[dict[str, Any]] = []
-    for stored in stored_images(session, batch_id):
+    for stored in image_verdicts(session, batch_id):
         report.images += 1
         report.before[stored.verdict or "unchecked"] += 1
         if not stored.results:
@@ -144,7 +144,7 @@ def _note_change(report: RejudgeReport, change: dict[str, Any]) -> None:
         report.sample.append(change)
 
 
-def _apply(session: Session, stored: StoredImage, outcome: QcOutcome) -> None:
+def _apply(session: Session, stored: ImageVerdicts, outcome: QcOutcome) -> None:
     session.execute(update(Image).where(Image.id == stored.id)
                     .values(qc_verdict=outcome.verdict, qc_reasons=list(outcome.reasons)))
     for row, judged in zip(stored.results, outcome.results):
@@ -161,7 +161,7 @@ def calibrate_batch(session: Session, batch_id: str, settings: QcSettings | None
     thresholds that would flag ``flag_percent`` percent of it on each quality bar."""
     batch = _batch(session, batch_id)
     rows = ({"results": [_result_dict(r) for r in stored.results]}
-            for stored in stored_images(session, batch_id) if stored.results)
+            for stored in image_verdicts(session, batch_id) if stored.results)
     report = calibrate(rows, settings, flag_percent)
     return {"batch_id": batch.id, "batch_name": batch.name, "flag_percent": flag_percent, **report}
 

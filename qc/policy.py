@@ -197,7 +197,7 @@ def verdict_for(reasons: Iterable[str], settings: QcSettings) -> str:
     return "review" if reasons else "pass"
 
 
-def judge(scorer: str, version: str, metrics: Metrics, settings: QcSettings) -> ScorerResult:
+def apply_thresholds(scorer: str, version: str, metrics: Metrics, settings: QcSettings) -> ScorerResult:
     """Apply the scorer's rule to its metrics (KeyError for a scorer without a rule)."""
     reasons, thresholds = RULES[scorer](metrics, settings)
     reasons = [r for r in dict.fromkeys(reasons) if r not in settings.ignore_reasons]
@@ -238,7 +238,7 @@ def rejudge(stored: QcOutcome | dict[str, Any] | list[dict[str, Any]], settings:
     results = []
     for old in stored.results:
         if old.scorer in RULES:
-            results.append(judge(old.scorer, old.version, old.metrics, settings))
+            results.append(apply_thresholds(old.scorer, old.version, old.metrics, settings))
         else:
             results.append(old)
             notes.append(f"rejudge: no rule for scorer {old.scorer!r}; its stored verdict is kept")

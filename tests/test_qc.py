@@ -294,46 +294,46 @@ def graded(wanted: str, seen: str, p_seen: float) -> dict:
 
 
 def test_alignment_rule_names_the_wrong_attributes():
-    from qc.policy import judge
+    from qc.policy import apply_thresholds
 
     metrics = {"checked": True, "score": 0.3, "attributes": {
         "kind": graded("bottle", "mug", 0.7), "colour": graded("blue", "red", 0.8),
         "backdrop": graded("white", "white", 0.97)}}
-    result = judge("attribute_alignment", "1", metrics, QcSettings())
+    result = apply_thresholds("attribute_alignment", "1", metrics, QcSettings())
     assert result.verdict == "review"
     assert result.reasons == ["misaligned", "wrong_object", "wrong_color"]
-    unchecked = judge("attribute_alignment", "1", {"checked": False, "score": None}, QcSettings())
+    unchecked = apply_thresholds("attribute_alignment", "1", {"checked": False, "score": None}, QcSettings())
     assert unchecked.reasons == []
 
 
 def test_a_mismatch_the_judge_is_sure_of_is_rejected_an_unsure_one_reviewed():
-    from qc.policy import judge
+    from qc.policy import apply_thresholds
 
     settings = QcSettings()
-    sure = judge("attribute_alignment", "1", {"checked": True, "score": 0.65, "attributes": {
+    sure = apply_thresholds("attribute_alignment", "1", {"checked": True, "score": 0.65, "attributes": {
         "kind": graded("mug", "box", settings.attribute_reject_prob), "colour": graded("red", "red", 1.0)}}, settings)
     assert sure.verdict == "reject" and sure.reasons == ["wrong_object_confident"]
     assert sure.thresholds["attribute_reject_prob"] == settings.attribute_reject_prob
-    unsure = judge("attribute_alignment", "1", {"checked": True, "score": 0.6, "attributes": {
+    unsure = apply_thresholds("attribute_alignment", "1", {"checked": True, "score": 0.6, "attributes": {
         "colour": graded("yellow", "orange", settings.attribute_reject_prob - 0.01)}}, settings)
     assert unsure.verdict == "review" and unsure.reasons == ["wrong_color"]
     # an unsure reading whose best guess is the requested value is no mismatch
-    torn = judge("attribute_alignment", "1", {"checked": True, "score": 0.45, "attributes": {
+    torn = apply_thresholds("attribute_alignment", "1", {"checked": True, "score": 0.45, "attributes": {
         "kind": graded("lamp", "lamp", 0.45)}}, settings)
     assert torn.reasons == ["misaligned"] and torn.verdict == "review"
     # stored records of older judges may lack p_seen: never a confident reject
-    old = judge("attribute_alignment", "1", {"checked": True, "score": 0.01, "attributes": {
+    old = apply_thresholds("attribute_alignment", "1", {"checked": True, "score": 0.01, "attributes": {
         "kind": {"wanted": "mug", "seen": "box", "p_wanted": 0.01}}}, settings)
     assert old.reasons == ["misaligned", "wrong_object"] and old.verdict == "review"
 
 
 def test_placement_and_size_are_advisories_unless_settings_send_them_to_review():
-    from qc.policy import judge, outcome_from_results
+    from qc.policy import apply_thresholds, outcome_from_results
 
     metrics = {"checked": True, "score": 0.67, "attributes": {
         "kind": graded("mug", "mug", 1.0), "placement": graded("left", "right", 1.0),
         "size": graded("small", "large", 0.7)}}
-    result = judge("attribute_alignment", "1", metrics, QcSettings())
+    result = apply_thresholds("attribute_alignment", "1", metrics, QcSettings())
     assert result.verdict == "pass"
     assert result.reasons == ["wrong_placement_confident", "wrong_size"]  # the scorer's record keeps them
     outcome = outcome_from_results([result], QcSettings())

@@ -38,7 +38,7 @@ class BatchView:
 
     id: str
     params: dict[str, Any]
-    generation: GenerationParams
+    generation_params: GenerationParams
 
 
 @dataclass
@@ -95,13 +95,13 @@ class ImageSteps:
     def render(self, batch: BatchView, jobs: list[Job]) -> list[RenderedImage]:
         """One forward pass for every job, each image encoded as PNG with its provenance."""
         model = self.ctx.model
-        result = model.generate([item.prompt for item, _, _ in jobs], [seed for _, _, seed in jobs], batch.generation)
+        result = model.generate([item.prompt for item, _, _ in jobs], [seed for _, _, seed in jobs], batch.generation_params)
         began = time.perf_counter()
         identity = {"model": model.model_id, "weights_sha256": model.weights_sha256}
-        extra = model.refiner_identity() if batch.generation.refine_options else None
+        extra = model.refiner_identity() if batch.generation_params.refine_options else None
         records = [
             provenance(item_id=item.id, batch_id=item.batch_id, external_id=item.external_id, prompt=item.prompt,
-                       seed=seed, index=index, params=batch.generation.canonical(), extra=extra, **identity)
+                       seed=seed, index=index, params=batch.generation_params.canonical(), extra=extra, **identity)
             for item, index, seed in jobs
         ]
         pngs = [encode_png(picture, record) for picture, record in zip(result.images, records)]
@@ -191,7 +191,7 @@ class ImageSteps:
 
     def refine_record(self, batch: BatchView) -> dict[str, Any] | None:
         """The refine settings and the refiner's identity, when the batch refines."""
-        options = batch.generation.refine_options
+        options = batch.generation_params.refine_options
         return {**options, **self.ctx.model.refiner_identity()} if options else None
 
     def _time(self, stage: str, began: float, images: list[UploadedImage]) -> None:
