@@ -55,12 +55,24 @@ class Settings(BaseSettings):
     min_side: int = Field(64, alias="MIN_IMAGE_SIDE")
     max_side: int = Field(1024, alias="MAX_IMAGE_SIDE")
 
-    # Delivery: soft limit < hard limit < visibility timeout < lease (docs/architecture.md, "Delivery").
+    # Delivery: soft limit < hard limit < visibility timeout (docs/architecture.md, "Delivery").
     task_soft_time_limit: int = Field(240, alias="TASK_SOFT_TIME_LIMIT")
     task_time_limit: int = Field(300, alias="TASK_TIME_LIMIT")
     visibility_timeout: int = Field(360, alias="VISIBILITY_TIMEOUT")
-    lease_seconds: int = Field(420, alias="LEASE_SECONDS")
+    # Leases: a running chunk renews its items' lease every LEASE_HEARTBEAT_SECONDS (default a
+    # quarter of the lease), so the lease can be short and a dead worker's items run again soon
+    # ("Leases and heartbeats").
+    lease_seconds: int = Field(60, alias="LEASE_SECONDS", ge=4)
+    lease_heartbeat_seconds: float | None = Field(None, alias="LEASE_HEARTBEAT_SECONDS", gt=0)
     max_attempts: int = Field(3, alias="MAX_ATTEMPTS")
+    # Dispatch ("Bounded dispatch and broker loss"): at most DISPATCH_IN_FLIGHT chunks per queue
+    # are in the broker unclaimed; one unclaimed for REDISPATCH_SECONDS while its queue stalled,
+    # or overtaken by a chunk sent after it, is sent again.
+    dispatch_in_flight: int = Field(32, alias="DISPATCH_IN_FLIGHT", ge=1)
+    redispatch_seconds: float = Field(30.0, alias="REDISPATCH_SECONDS", gt=0)
+    # How long a worker retries a database or object store that does not answer before it gives
+    # the chunk back ("Infrastructure faults are not item failures").
+    infra_retry_seconds: float = Field(120.0, alias="INFRA_RETRY_SECONDS", ge=0)
 
     # Worker pipeline: how many images one task carries (the submitter cuts chunks of this size),
     # whether each forward pass is padded to `micro_batch` (an image's bytes then never depend on
@@ -68,7 +80,7 @@ class Settings(BaseSettings):
     # how long a completion webhook may take.
     chunk_images: int = Field(16, alias="INSTABATCH_CHUNK_IMAGES", ge=1, le=4096)
     pad_micro_batch: bool = Field(True, alias="INSTABATCH_PAD_MICRO_BATCH")
-    sweep_every_seconds: float = Field(60.0, alias="SWEEP_EVERY_SECONDS", gt=0)
+    sweep_every_seconds: float = Field(15.0, alias="SWEEP_EVERY_SECONDS", gt=0)
     webhook_timeout_seconds: float = Field(5.0, alias="WEBHOOK_TIMEOUT_SECONDS", gt=0)
     # Webhooks go to addresses that submitters choose: by default never to loopback, private or
     # link-local addresses, so a batch cannot make the worker call services inside the network.
@@ -93,12 +105,19 @@ class Settings(BaseSettings):
             self.broker_url = f"sqla+sqlite:///{var / 'broker.db'}"
         if self.objects_dir is None:
             self.objects_dir = var / "objects"
-        if not (self.task_soft_time_limit < self.task_time_limit < self.visibility_timeout < self.lease_seconds):
+        if not (self.task_soft_time_limit < self.task_time_limit < self.visibility_timeout):
             raise ValueError(
-                "need TASK_SOFT_TIME_LIMIT < TASK_TIME_LIMIT < VISIBILITY_TIMEOUT < LEASE_SECONDS, "
+                "need TASK_SOFT_TIME_LIMIT < TASK_TIME_LIMIT < VISIBILITY_TIMEOUT, "
                 "or a running task is delivered twice"
             )
+        if self.heartbeat_seconds * 3 > self.lease_seconds:
+            raise ValueError("need LEASE_HEARTBEAT_SECONDS * 3 <= LEASE_SECONDS: a lease must survive "
+                             "two missed heartbeats (a database blink) before it expires")
         return self
+
+    @property
+    def heartbeat_seconds(self) -> float:
+        return self.lease_heartbeat_seconds or self.lease_seconds / 4
 
     @property
     def uses_sqlite(self) -> bool:

@@ -159,6 +159,10 @@ class Review(Base):
     reviewer_key_id: Mapped[str | None] = mapped_column(String(UUID_LEN))
     reviewer_name: Mapped[str | None] = mapped_column(String(200))
     new_image_id: Mapped[str | None] = mapped_column(String(UUID_LEN))
+    # A regenerate's delivery: attempts started, the last send, and why it ended without an image.
+    regeneration_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    regeneration_sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    regeneration_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = created_at()
 
 
@@ -188,9 +192,17 @@ class AuditChainHead(Base):
 
 
 class Outbox(Base):
-    """A chunk of items waiting to be published to the broker; written with the batch itself."""
+    """A chunk of items to publish to the broker; written with the batch itself.
+
+    Pending (``dispatched_at`` NULL), in flight (sent, ``claimed_at`` NULL), or claimed: a worker
+    took the message (core/dispatch.py)."""
     __tablename__ = "outbox"
-    __table_args__ = (Index("ix_outbox_pending", "dispatched_at"),)
+    __table_args__ = (
+        Index("ix_outbox_pending", "dispatched_at"),
+        Index("ix_outbox_in_flight", "queue", "dispatched_at",
+              postgresql_where=text("dispatched_at IS NOT NULL AND claimed_at IS NULL"),
+              sqlite_where=text("dispatched_at IS NOT NULL AND claimed_at IS NULL")),
+    )
 
     id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
     batch_id: Mapped[str] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"), index=True)
@@ -198,3 +210,5 @@ class Outbox(Base):
     queue: Mapped[str] = mapped_column(String(50), default="generate")
     created_at: Mapped[datetime] = created_at()
     dispatched_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    claimed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    sends: Mapped[int] = mapped_column(Integer, default=0, server_default="0")

@@ -68,7 +68,7 @@ def test_the_apps_are_wired_to_postgres_redis_and_the_bucket_that_is_created(ser
         # The same environment must make valid settings (time limits in the right order, ...).
         settings = Settings(**{key: value for key, value in env.items()})
         assert settings.task_soft_time_limit < settings.task_time_limit < settings.visibility_timeout
-        assert settings.visibility_timeout < settings.lease_seconds
+        assert settings.heartbeat_seconds * 3 <= settings.lease_seconds
 
 
 def test_apps_start_after_the_database_is_migrated_and_the_bucket_exists(services):

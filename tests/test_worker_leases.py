@@ -1,6 +1,8 @@
 """Leases and the sweeper, on SQLite and PostgreSQL: claims, redelivery, lost leases, expiry, the attempt cap."""
 from __future__ import annotations
 
+import socket
+import subprocess
 from datetime import timedelta
 
 import pytest
@@ -24,11 +26,22 @@ def stack(request, configure, random_checkpoint) -> Stack:
 
 
 def claim(stack: Stack, ids: list[str], task_id: str, worker: str = "host:1", now=None) -> list[leases.ClaimedItem]:
+    """Claim as a task does: items of dead earlier runs of the same task may be taken back."""
+    owner, now = leases.lease_owner(worker, task_id), now or utcnow()
     with stack.sessions() as session:
-        claimed = leases.claim(session, ids, owner=leases.lease_owner(worker, task_id), task_id=task_id,
-                               lease_seconds=LEASE, max_attempts=stack.settings.max_attempts, now=now or utcnow())
+        reclaim = leases.reclaimable_owners(session, ids, task_id=task_id, owner=owner, now=now, lease_seconds=LEASE,
+                                            heartbeat_seconds=LEASE / 4)
+        claimed = leases.claim(session, ids, owner=owner, reclaim=reclaim, lease_seconds=LEASE,
+                               max_attempts=stack.settings.max_attempts, now=now)
         session.commit()
     return claimed
+
+
+def dead_local_worker() -> str:
+    """``host:pid`` of a process of this host that has exited."""
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return f"{socket.gethostname()}:{process.pid}"
 
 
 def item_ids(stack: Stack, batch_id: str) -> list[str]:
@@ -43,11 +56,21 @@ def expire(stack: Stack, ids: list[str]) -> None:
 
 def test_a_claim_takes_items_once_and_a_redelivery_of_the_same_task_takes_them_back(stack: Stack):
     ids = item_ids(stack, stack.submit(["a", "b", "c"], dispatch=False))
-    first = claim(stack, ids, "task-1")
+    first = claim(stack, ids, "task-1", worker=dead_local_worker())
     assert [item.id for item in first] == ids and all(item.attempts == 1 for item in first)
     assert claim(stack, ids, "task-2", worker="other:2") == []  # a duplicate chunk: nothing to claim
     again = claim(stack, ids, "task-1", worker="host:7")  # the same message again: its first run died
     assert [item.attempts for item in again] == [2, 2, 2]
+
+
+def test_a_redelivered_twin_leaves_a_run_that_still_beats_alone(stack: Stack):
+    """The visibility timeout redelivers a long task under its id while it still runs on another
+    host: the twin takes nothing until that run misses two heartbeats."""
+    ids = item_ids(stack, stack.submit(["a", "b"], dispatch=False))
+    assert len(claim(stack, ids, "long-task", worker="far-host:5")) == 2
+    assert claim(stack, ids, "long-task", worker="host:7") == []
+    silent = utcnow() + timedelta(seconds=2 * LEASE / 4 + 1)  # two beats later, never renewed
+    assert len(claim(stack, ids, "long-task", worker="host:7", now=silent)) == 2
 
 
 def test_an_expired_lease_moves_on_and_the_old_holder_can_no_longer_finish(stack: Stack):
@@ -78,7 +101,7 @@ def test_items_out_of_attempts_end_dead_and_cancelled_batches_end_cancelled(stac
     with stack.sessions() as session:
         # a cancelled batch's item still running under a dead worker's lease
         session.execute(update(Item).where(Item.id.in_(other)).values(state="running", lease_owner="x:1:t"))
-        settled = leases.settle_unclaimable(session, ids + other, "t", 3, utcnow())
+        settled = leases.settle_unclaimable(session, ids + other, [], 3, utcnow())
         session.commit()
     assert [item_id for item_id, _ in settled.dead] == [ids[0]]
     assert [item_id for item_id, _ in settled.cancelled] == other

@@ -25,14 +25,14 @@ def _generate_or_die(self, prompts, seeds, params):
     return _generate(self, prompts, seeds, params)
 
 
-def _die_once_before_claiming(self, item_ids):
+def _die_once_before_claiming(self, item_ids, outbox_id=None):
     """With DIE_BEFORE_CLAIM=FILE: the first task kills its process before claiming anything (an
     OOM while loading the model, say), leaving its message taken and its items queued."""
     marker = os.environ.get("DIE_BEFORE_CLAIM")
     if marker and not os.path.exists(marker):
         open(marker, "w").close()
         os._exit(14)
-    return _run(self, item_ids)
+    return _run(self, item_ids, outbox_id)
 
 
 ModelRunner.generate = _generate_or_die

@@ -53,9 +53,9 @@ def create_app(settings: Settings | None = None) -> Celery:
     app.instabatch = ctx  # type: ignore[attr-defined]
 
     @app.task(name=GENERATE_TASK, bind=True, ignore_result=True, shared=False)
-    def generate_chunk(task: Any, item_ids: list[str]) -> dict[str, Any]:
+    def generate_chunk(task: Any, item_ids: list[str], outbox_id: int | None = None) -> dict[str, Any]:
         """Claim, generate, store, check and record a chunk of items; idempotent under redelivery."""
-        report = ChunkRunner(ctx, task.request.id or "local").run(item_ids)
+        report = ChunkRunner(ctx, task.request.id or "local").run(item_ids, outbox_id)
         log.info("chunk done: %s", report.as_dict())
         return report.as_dict()
 

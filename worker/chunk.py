@@ -1,9 +1,14 @@
 """One task's work: claim a chunk's items, generate them micro-batch by micro-batch, store, check, record.
 
-    claim (one UPDATE, lease) → screen prompts → per micro-batch: [cancel?] → generate (one
-    forward pass, per-image seeds) → encode PNG with provenance → store (write-once key) →
-    QC → items succeeded (only while we hold the lease) + image rows + audit events
-    → batch complete? (one guarded UPDATE) → webhook
+    take (mark the message claimed, settle) → claim (one UPDATE, lease) → screen prompts
+    → per micro-batch: [cancel?] → render (one forward pass, per-image seeds, PNG with
+    provenance) → store (write-once key) → check (QC) → record (items succeeded only while we
+    hold the lease, image rows, audit events) → batch complete? (one guarded UPDATE)
+    → dispatch more from the outbox
+
+A heartbeat thread renews the lease beside the work. Every ledger and storage step is retried
+with backoff while the database or the object store does not answer (core/retry.py): an outage
+of up to INFRA_RETRY_SECONDS costs time, not items.
 
 A Python exception in a micro-batch of several items re-runs its items one by one, so one bad
 item fails alone. A chunk whose items ran before without finishing (the worker died) is claimed
@@ -20,11 +25,13 @@ from typing import Any, Sequence
 
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from core import audit
-from core.dispatch import dispatch_pending
+from core.dispatch import dispatch_pending, mark_claimed
 from core.ledger import pack_by_images
 from core.params import image_seed
+from core.retry import is_transient
 from models import Batch, Item, ItemState, utcnow
 from worker import leases
 from worker.completion import complete_if_done
@@ -65,39 +72,56 @@ class ChunkRunner:
         self.steps = ImageSteps(ctx, actor=self.actor)
         self.report = ChunkReport(seconds=self.steps.seconds)
         self.held: set[str] = set()
+        self.counted: set[str] = set()  # items whose attempt this run counted
+        self.reclaim: list[str] = []  # dead earlier runs of this task whose items we may take
         self.touched_batches: set[str] = set()
 
     # -- the task ----------------------------------------------------------------------
 
-    def run(self, item_ids: Sequence[str]) -> ChunkReport:
-        try:
-            self._settle(item_ids)
-            self._claim_and_generate(item_ids, isolate=self._ran_before(item_ids))
-        except BaseException as error:
-            self._give_back_held(error)
-            raise
+    def run(self, item_ids: Sequence[str], outbox_id: int | None = None) -> ChunkReport:
+        """take → claim → generate by micro-batches → complete batches → dispatch more, with the
+        lease heartbeat beside it all."""
+        heartbeat = leases.Heartbeat(self.ctx.sessions, self.owner, lease_seconds=self.settings.lease_seconds,
+                                     every=self.settings.heartbeat_seconds)
+        with heartbeat:
+            try:
+                self._take(item_ids, outbox_id)
+                self._claim_and_generate(item_ids, isolate=self._ran_before(item_ids))
+            except BaseException as error:
+                self._give_back_held(error)
+                raise
         for batch_id in sorted(self.touched_batches):
-            complete_if_done(self.ctx.sessions, batch_id, actor=self.actor, settings=self.settings)
+            self.ctx.retry(lambda: complete_if_done(self.ctx.sessions, batch_id, actor=self.actor,
+                                                    settings=self.settings), what="batch completion")
+        self._dispatch_more()
         return self.report
 
-    def _settle(self, item_ids: Sequence[str]) -> None:
-        with self.ctx.sessions() as session:
-            settled = leases.settle_unclaimable(session, item_ids, self.task_id, self.settings.max_attempts, utcnow())
+    def _take(self, item_ids: Sequence[str], outbox_id: int | None) -> None:
+        """Mark the message taken, find dead earlier runs of this task, and end the items that
+        must not run (cancelled batches, out of attempts)."""
+        def work(session: Session) -> leases.Settled:
+            if outbox_id is not None:
+                mark_claimed(session, outbox_id)
+            self.reclaim = leases.reclaimable_owners(
+                session, item_ids, task_id=self.task_id, owner=self.owner, now=utcnow(),
+                lease_seconds=self.settings.lease_seconds, heartbeat_seconds=self.settings.heartbeat_seconds)
+            settled = leases.settle_unclaimable(session, item_ids, self.reclaim, self.settings.max_attempts, utcnow())
             for item_id, batch_id in settled.dead:
                 audit.record(session, "item.dead", actor=self.actor, batch_id=batch_id, item_id=item_id,
                              payload={"error": leases.dead_error(self.settings.max_attempts),
                                       "max_attempts": self.settings.max_attempts})
-            session.commit()
+            return settled
+
+        settled = self.ctx.in_ledger(work, what="taking the chunk")
         self.report.dead += len(settled.dead)
         self.report.cancelled += len(settled.cancelled)
         self.touched_batches.update(batch_id for _, batch_id in settled.dead + settled.cancelled)
 
     def _ran_before(self, item_ids: Sequence[str]) -> bool:
-        with self.ctx.sessions() as session:
-            return session.scalar(
-                select(Item.id).where(Item.id.in_(list(item_ids)), Item.attempts > 0,
-                                      Item.state.in_(ItemState.active())).limit(1)
-            ) is not None
+        return self.ctx.in_ledger(lambda session: session.scalar(
+            select(Item.id).where(Item.id.in_(list(item_ids)), Item.attempts > 0,
+                                  Item.state.in_(ItemState.active())).limit(1)
+        ) is not None, what="reading the chunk's attempts")
 
     def _claim_and_generate(self, item_ids: Sequence[str], isolate: bool) -> None:
         """Claim the chunk in one UPDATE; generate it by micro-batches, or item by item when isolating.
@@ -107,12 +131,12 @@ class ChunkRunner:
         but an item's attempt is counted only when its own turn comes, so only the item that
         kills the process runs out of attempts.
         """
-        with self.ctx.sessions() as session:
-            items = leases.claim(session, item_ids, owner=self.owner, task_id=self.task_id,
-                                 lease_seconds=self.settings.lease_seconds, max_attempts=self.settings.max_attempts,
-                                 now=utcnow(), count_attempt=not isolate)
-            session.commit()
+        items = self.ctx.in_ledger(lambda session: leases.claim(
+            session, item_ids, owner=self.owner, reclaim=self.reclaim, lease_seconds=self.settings.lease_seconds,
+            max_attempts=self.settings.max_attempts, now=utcnow(), count_attempt=not isolate), what="the claim")
         self.held.update(item.id for item in items)
+        if not isolate:
+            self.counted.update(item.id for item in items)
         self.report.claimed += len(items)
         if items:
             self.ctx.model.load()  # a model that cannot load is the worker's fault: raise, give back
@@ -129,10 +153,12 @@ class ChunkRunner:
                     self._generate_items(batch, [counted])
 
     def _count_attempt(self, item: ClaimedItem) -> ClaimedItem | None:
-        with self.ctx.sessions() as session:
-            attempts = leases.count_attempt(session, item.id, owner=self.owner)
-            session.commit()
-        return None if attempts is None else dataclasses.replace(item, attempts=attempts)
+        attempts = self.ctx.in_ledger(lambda session: leases.count_attempt(session, item.id, owner=self.owner),
+                                      what="counting an attempt")
+        if attempts is None:
+            return None
+        self.counted.add(item.id)
+        return dataclasses.replace(item, attempts=attempts)
 
     # -- per batch ---------------------------------------------------------------------
 
@@ -152,18 +178,11 @@ class ChunkRunner:
             if self._cancel_requested(batch.id):
                 self._cancel_held(batch, [item for rest in groups[position:] for item in rest])
                 return
-            self._renew_lease()
             self._process(batch, group)
 
     def _cancel_requested(self, batch_id: str) -> bool:
-        with self.ctx.sessions() as session:
-            return session.scalar(select(Batch.cancel_requested_at).where(Batch.id == batch_id)) is not None
-
-    def _renew_lease(self) -> None:
-        with self.ctx.sessions() as session:
-            leases.renew(session, list(self.held), owner=self.owner,
-                         lease_seconds=self.settings.lease_seconds, now=utcnow())
-            session.commit()
+        return self.ctx.in_ledger(lambda session: session.scalar(
+            select(Batch.cancel_requested_at).where(Batch.id == batch_id)) is not None, what="the cancel flag")
 
     # -- per micro-batch ---------------------------------------------------------------
 
@@ -198,7 +217,8 @@ class ChunkRunner:
 
     def _record(self, batch: BatchView, group: list[ClaimedItem], stored: list[UploadedImage], duration: float) -> None:
         began = time.perf_counter()
-        with self.ctx.sessions() as session:
+
+        def work(session: Session) -> set[str]:
             owned = leases.finish(session, [item.id for item in group], owner=self.owner,
                                   state=ItemState.SUCCEEDED, now=utcnow())
             for image in stored:
@@ -209,7 +229,10 @@ class ChunkRunner:
                     images = [image for image in stored if image.item.id == item.id]
                     audit.record(session, "item.generated", actor=self.actor, batch_id=batch.id, item_id=item.id,
                                  payload=self._generated_payload(batch, item, images, duration))
-            session.commit()
+            return owned
+
+        # A retry after a commit whose answer was lost finds the items finished: it records nothing twice.
+        owned = self.ctx.in_ledger(work, what="recording a micro-batch")
         lost = [item.id for item in group if item.id not in owned]
         if lost:
             log.warning("lease lost on %d items (another worker holds them now): %s", len(lost), lost)
@@ -239,38 +262,53 @@ class ChunkRunner:
 
     def _end_item(self, batch: BatchView, item: ClaimedItem, state: ItemState, error: str,
                   action: str = "item.failed") -> None:
-        with self.ctx.sessions() as session:
+        def work(session: Session) -> set[str]:
             owned = leases.finish(session, [item.id], owner=self.owner, state=state, now=utcnow(), error=error)
             if owned:
                 audit.record(session, action, actor=self.actor, batch_id=batch.id, item_id=item.id,
                              payload={"error": error, "attempt": item.attempts, "task_id": self.task_id})
-            session.commit()
+            return owned
+
+        owned = self.ctx.in_ledger(work, what="ending an item")
         self.held.discard(item.id)
         if owned:
             self.report.failed += 1
 
     def _cancel_held(self, batch: BatchView, items: list[ClaimedItem]) -> None:
-        with self.ctx.sessions() as session:
+        def work(session: Session) -> set[str]:
             owned = leases.finish(session, [item.id for item in items], owner=self.owner,
                                   state=ItemState.CANCELLED, now=utcnow())
             if owned:
                 audit.record(session, "items.cancelled", actor=self.actor, batch_id=batch.id,
                              payload={"items": sorted(owned), "task_id": self.task_id})
-            session.commit()
+            return owned
+
+        owned = self.ctx.in_ledger(work, what="cancelling items")
         self.held.difference_update(item.id for item in items)
         self.report.cancelled += len(owned)
 
     def _give_back_held(self, error: BaseException) -> None:
-        """The task is failing (time limit, model, storage or database trouble): requeue what it holds."""
+        """The task is failing (time limit, model, storage or database trouble): requeue what it holds.
+
+        When a dependency stayed down past INFRA_RETRY_SECONDS, the attempts this run counted are
+        given back too: an outage is not the items' fault and must not make them dead."""
         if not self.held:
             return
         reason = f"given back by {self.worker}: {type(error).__name__}: {error}"[:ERROR_CHARS]
+        refund = sorted(self.held & self.counted) if is_transient(error) else []
         try:
-            with self.ctx.sessions() as session:
-                requeued = leases.release(session, list(self.held), owner=self.owner,
-                                          chunk_images=self.settings.chunk_images, reason=reason)
-                session.commit()
-            log.warning("gave back %d items to the queue", len(requeued))
-            dispatch_pending(self.ctx.sessions, self.ctx.celery)
+            requeued = self.ctx.in_ledger(lambda session: leases.release(
+                session, list(self.held), owner=self.owner, chunk_images=self.settings.chunk_images, reason=reason,
+                refund=refund), what="giving items back")
+            log.warning("gave back %d items to the queue (%d attempts refunded)", len(requeued), len(refund))
         except Exception:  # the database may be what failed: the lease expires and the sweeper requeues
             log.exception("could not give back %d items; the sweeper will requeue them", len(self.held))
+            return
+        self._dispatch_more()
+
+    def _dispatch_more(self) -> None:
+        """Refill the broker from the outbox: dispatch keeps only a bounded number of chunks in flight."""
+        try:
+            dispatch_pending(self.ctx.sessions, self.ctx.celery, self.settings)
+        except Exception as error:  # the sweeper dispatches too
+            log.warning("dispatch after the chunk failed (the sweeper will dispatch): %s", error)

@@ -8,12 +8,15 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 from celery import Celery
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.db import make_engine, session_factory
+from core.retry import with_retry
 from core.settings import Settings
 from core.storage import ObjectStore, make_store
 from qc.checker import QualityChecker
@@ -22,6 +25,7 @@ from worker.model_runner import ModelRunner
 
 log = logging.getLogger(__name__)
 UPLOAD_THREADS = 8
+T = TypeVar("T")
 
 
 class WorkerContext:
@@ -86,6 +90,20 @@ class WorkerContext:
         if self._screening is None:
             self._screening = ScreeningPolicy.from_settings()
         return self._screening
+
+    def retry(self, work: Callable[[], T], *, what: str) -> T:
+        """``work()``, retried with backoff while the database or the object store does not answer."""
+        return with_retry(work, budget_seconds=self.settings.infra_retry_seconds, what=what)
+
+    def in_ledger(self, work: Callable[[Session], T], *, what: str) -> T:
+        """``work(session)`` in a transaction of its own, committed; retried whole on a transient error."""
+        def unit() -> T:
+            with self.sessions() as session:
+                result = work(session)
+                session.commit()
+                return result
+
+        return self.retry(unit, what=what)
 
     def screen(self, prompt: str) -> str | None:
         """Why a prompt must not be generated, or None when it may be."""

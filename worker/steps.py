@@ -83,11 +83,14 @@ class ImageSteps:
     def batch(self, batch_id: str) -> BatchView:
         """The batch's params, and the perceptual hashes of its images so far (for duplicates)."""
         if batch_id not in self._batches:
-            with self.ctx.sessions() as session:
+            def read(session: Session) -> tuple[dict[str, Any], list[Any]]:
                 params = session.scalar(select(Batch.params).where(Batch.id == batch_id)) or {}
                 hashes = session.execute(
                     select(Image.phash, Image.id).where(Image.batch_id == batch_id, Image.phash.is_not(None))
                 ).all()
+                return params, hashes
+
+            params, hashes = self.ctx.in_ledger(read, what="reading the batch")
             self._batches[batch_id] = BatchView(batch_id, params, GenerationParams.from_batch(params))
             self._known_hashes[batch_id] = {int(phash, 16): image_id for phash, image_id in hashes}
         return self._batches[batch_id]
@@ -129,7 +132,8 @@ class ImageSteps:
     def upload(self, image: RenderedImage, key: str, *, image_id: str | None = None,
                metadata: dict[str, Any] | None = None) -> UploadedImage:
         """One image under ``key``; ``metadata`` adds to its provenance in the object's metadata."""
-        result = self.ctx.store.put(key, image.png, object_metadata({**image.record, **(metadata or {})}))
+        metadata = object_metadata({**image.record, **(metadata or {})})
+        result = self.ctx.retry(lambda: self.ctx.store.put(key, image.png, metadata), what=f"storing {key}")
         return UploadedImage(image_id or new_id(), image, key, result.sha256)
 
     def check(self, batch: BatchView, stored: list[UploadedImage]) -> None:

@@ -69,7 +69,7 @@ def sweep(sessions: sessionmaker[Session], celery: Celery | None = None, setting
         session.commit()
     if report.requeued or report.dead:
         log.warning("sweeper: %d expired leases requeued, %d items dead", len(report.requeued), len(report.dead))
-    report.dispatched = dispatch_pending(sessions, celery)
+    report.dispatched = dispatch_pending(sessions, celery, settings)
     with sessions() as session:
         report.dispatched += republish_pending(session, celery or get_celery())
     report.completed_batches = complete_finished_batches(sessions, settings)
@@ -87,19 +87,9 @@ def dead_local_workers(sessions: sessionmaker[Session]) -> list[str]:
     dead = set()
     for owner in owners:
         pid_text = owner[len(host) + 1:].split(":", 1)[0]
-        if pid_text.isdigit() and (int(pid_text) == os.getpid() or not _pid_alive(int(pid_text))):
+        if pid_text.isdigit() and (int(pid_text) == os.getpid() or not leases.pid_alive(int(pid_text))):
             dead.add(f"{host}:{pid_text}")
     return sorted(dead)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _end(session: Session, condition: ColumnElement[bool], state: ItemState, now: object,
