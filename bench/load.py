@@ -49,14 +49,20 @@ class LevelResult:
     polls: int = 0
     errors: int = 0
     error_kinds: Counter = field(default_factory=Counter)
-    latencies_ms: list[float] = field(default_factory=list)
+    submit_ms: list[float] = field(default_factory=list)
+    poll_ms: list[float] = field(default_factory=list)
     batch_ids: list[str] = field(default_factory=list)
     unreadable: int = 0  # a batch whose 202 came back but whose GET did not find it
 
-    def percentile(self, q: float) -> float:
-        if not self.latencies_ms:
+    @property
+    def latencies_ms(self) -> list[float]:
+        return self.submit_ms + self.poll_ms
+
+    def percentile(self, q: float, latencies: list[float] | None = None) -> float:
+        latencies = self.latencies_ms if latencies is None else latencies
+        if not latencies:
             return float("nan")
-        ordered = sorted(self.latencies_ms)
+        ordered = sorted(latencies)
         return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
 
     def line(self, **extra: object) -> str:
@@ -67,6 +73,8 @@ class LevelResult:
             "errors": self.errors,
             "p50_ms": f"{self.percentile(50):.1f}",
             "p99_ms": f"{self.percentile(99):.1f}",
+            "submit_p99_ms": f"{self.percentile(99, self.submit_ms):.1f}",
+            "poll_p99_ms": f"{self.percentile(99, self.poll_ms):.1f}",
             "submitted": self.submits,
             "seconds": f"{self.elapsed_s:.1f}",
             **extra,
@@ -97,7 +105,7 @@ async def _client_loop(http: httpx.AsyncClient, client: int, deadline: float, re
         except httpx.HTTPError as exc:
             failed(type(exc).__name__)
             continue
-        result.latencies_ms.append((time.perf_counter() - began) * 1000)
+        result.submit_ms.append((time.perf_counter() - began) * 1000)
         if response.status_code != 202:
             failed(f"submit_{response.status_code}")
             await asyncio.sleep(0.05)  # a failing server is not hammered in a tight loop
@@ -112,7 +120,7 @@ async def _client_loop(http: httpx.AsyncClient, client: int, deadline: float, re
             except httpx.HTTPError as exc:
                 failed(type(exc).__name__)
                 continue
-            result.latencies_ms.append((time.perf_counter() - began) * 1000)
+            result.poll_ms.append((time.perf_counter() - began) * 1000)
             if response.status_code == 200 and response.json().get("id") == batch_id:
                 result.polls += 1
             else:
@@ -121,27 +129,35 @@ async def _client_loop(http: httpx.AsyncClient, client: int, deadline: float, re
                     result.unreadable += 1
 
 
+async def _one_client(url: str, key: str, client: int, deadline: float, result: LevelResult, *, items: int,
+                      polls: int, timeout: float, max_iterations: int) -> None:
+    # One connection per client, kept alive between its requests, like a real client process; a
+    # pool shared by all clients would leave some connections idle past the server's keep-alive.
+    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+    async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {key}"}, limits=limits,
+                                 timeout=timeout) as http:
+        await _client_loop(http, client, deadline, result, items=items, polls=polls, max_iterations=max_iterations)
+
+
 async def _run_level(url: str, key: str, clients: int, duration: float, *, items: int, polls: int,
                      timeout: float, max_iterations: int) -> LevelResult:
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    headers = {"Authorization": f"Bearer {key}"}
-    async with httpx.AsyncClient(base_url=url, headers=headers, limits=limits, timeout=timeout) as http:
-        result = LevelResult(clients=clients, elapsed_s=0.0)
-        began = time.monotonic()
-        deadline = began + duration
-        tasks = [asyncio.create_task(_client_loop(http, c, deadline, result, items=items, polls=polls,
-                                                  max_iterations=max_iterations)) for c in range(clients)]
-        done, pending = await asyncio.wait(tasks, timeout=duration + DRAIN_S)
-        for task in pending:  # bounded: a hung request past the drain is an error, not a hang
-            task.cancel()
+    result = LevelResult(clients=clients, elapsed_s=0.0)
+    began = time.monotonic()
+    deadline = began + duration
+    tasks = [asyncio.create_task(_one_client(url, key, c, deadline, result, items=items, polls=polls,
+                                             timeout=timeout, max_iterations=max_iterations))
+             for c in range(clients)]
+    done, pending = await asyncio.wait(tasks, timeout=duration + DRAIN_S)
+    for task in pending:  # bounded: a hung request past the drain is an error, not a hang
+        task.cancel()
+        result.errors += 1
+        result.error_kinds["unfinished"] += 1
+    for task in done:
+        if task.exception() is not None:
             result.errors += 1
-            result.error_kinds["unfinished"] += 1
-        for task in done:
-            if task.exception() is not None:
-                result.errors += 1
-                result.error_kinds[type(task.exception()).__name__] += 1
-        result.elapsed_s = time.monotonic() - began
-        return result
+            result.error_kinds[type(task.exception()).__name__] += 1
+    result.elapsed_s = time.monotonic() - began
+    return result
 
 
 def run_level(url: str, key: str, clients: int, duration: float, *, items: int = 4, polls: int = 2,
