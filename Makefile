@@ -9,7 +9,7 @@ TORCH := torch==2.13.0
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 PIP := $(PY) -m pip install -q --disable-pip-version-check $(FIND_LINKS)
 
-.PHONY: setup demo test test-fast bench browser clean
+.PHONY: setup demo test test-fast bench load browser clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -37,6 +37,11 @@ test-fast: setup
 
 bench: setup
 	$(PY) -m bench.cpu
+
+# API load, not part of `make test`: 60 s each at 1, 10, 50 and 200 concurrent clients submitting and
+# polling against one `instabatch serve` on PostgreSQL + Redis (fresh database, Redis db 15).
+load: setup
+	$(PY) -m bench.load --clients 1,10,50,200 --duration 60
 
 clean:
 	rm -rf var out .pytest_cache

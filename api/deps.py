@@ -3,30 +3,132 @@
 Routes declare what they need with the ``Annotated`` aliases at the bottom::
 
     def route(session: SessionDep, principal: SubmitterDep): ...
+
+Database concurrency is sized from one setting, ``DB_POOL_SIZE``, so the pool cannot deadlock.
+A request takes a permit (an async semaphore of that size, waited for without a thread) before
+its session exists and keeps it until its background tasks are done; the session closes before
+the response is sent, so the outbox publish that follows checks out a connection of its own
+rather than a second one: each request holds at most one connection at a time, hence a
+permit always finds a free one. The thread limiter gets the same size (more threads would only
+wait), and a permit not granted within ``DB_POOL_TIMEOUT`` is a 503 with Retry-After, not a hang.
+Before, 15+ submissions each held a connection in their session while their publish waited for
+a second one: every connection held, every holder waiting, until the 30 s pool timeout.
 """
 from __future__ import annotations
 
+import logging
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextvars import ContextVar
 from typing import Annotated, Any
 
+import anyio
+import anyio.to_thread
+from anyio.lowlevel import RunVar
 from fastapi import Depends, Request
-from sqlalchemy import Select, select
+from prometheus_client import Counter
+from sqlalchemy import Select, event, select
 from sqlalchemy.orm import Session
+from sqlalchemy.pool import Pool
 
-from api.errors import APIError, not_found
+from api.errors import APIError, not_found, service_unavailable
+from api.metrics import REGISTRY
 from core import keys
 from core.db import get_engine, session_factory
 from core.keys import Principal
+from core.settings import get_settings
 from models import Batch, Image, Item, Role
+
+log = logging.getLogger(__name__)
 
 ALL_ROLES = tuple(Role)
 UUID_PATTERN = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 BEARER = "bearer"
 
 
-def get_session() -> Iterator[Session]:
-    """One session per request; routes commit what they change, anything uncommitted is rolled back."""
+# -- database concurrency (see the module docstring) ------------------------------------------
+
+DB_BUSY = Counter("instabatch_db_permit_timeouts_total",
+                  "Requests answered 503 because no database permit came within DB_POOL_TIMEOUT", registry=REGISTRY)
+NESTED_CHECKOUTS = Counter("instabatch_db_nested_checkouts_total",
+                           "Connections checked out by a request that already held one (should stay 0)",
+                           registry=REGISTRY)
+BUSY_RETRY_AFTER_S = 1
+
+# Per event loop (uvicorn has one; each TestClient call its own), like anyio's thread limiter.
+_permits: RunVar[anyio.Semaphore] = RunVar("instabatch_db_permits")
+
+
+class _RequestConnections:
+    """How many pooled connections the current request holds right now."""
+
+    __slots__ = ("held",)
+
+    def __init__(self) -> None:
+        self.held = 0
+
+
+_request_connections: ContextVar[_RequestConnections | None] = ContextVar("instabatch_request_connections",
+                                                                           default=None)
+
+
+def db_permits() -> anyio.Semaphore:
+    """This event loop's permits, and its thread limiter sized with them (set on first use)."""
+    try:
+        return _permits.get()
+    except LookupError:
+        size = get_settings().db_pool_size
+        anyio.to_thread.current_default_thread_limiter().total_tokens = size
+        permits = anyio.Semaphore(size)
+        _permits.set(permits)
+        return permits
+
+
+async def db_permit() -> AsyncIterator[None]:
+    """Admission to the database: held from before the session until the background tasks end."""
+    permits = db_permits()
+    with anyio.move_on_after(get_settings().db_pool_timeout) as waited:
+        await permits.acquire()
+    if waited.cancelled_caught:
+        DB_BUSY.inc()
+        raise service_unavailable("the API is at its database capacity: retry shortly", code="busy",
+                                  retry_after=BUSY_RETRY_AFTER_S)
+    token = _request_connections.set(_RequestConnections())
+    try:
+        yield
+    finally:
+        try:
+            _request_connections.reset(token)
+        except ValueError:  # exited in another context than it was entered in
+            _request_connections.set(None)
+        permits.release()
+
+
+@event.listens_for(Pool, "checkout")
+def _count_checkout(_dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+    holder = _request_connections.get()
+    if holder is None:
+        return
+    if holder.held:
+        NESTED_CHECKOUTS.inc()
+        log.warning("a request checked out a second database connection while holding one")
+    holder.held += 1
+    record.info["instabatch_request"] = holder
+
+
+@event.listens_for(Pool, "checkin")
+def _count_checkin(_dbapi_connection: Any, record: Any) -> None:
+    holder = record.info.pop("instabatch_request", None) if record is not None else None
+    if holder is not None:
+        holder.held -= 1
+
+
+def get_session(_permit: Annotated[None, Depends(db_permit)]) -> Iterator[Session]:
+    """One session per request; routes commit what they change, anything uncommitted is rolled back.
+
+    Closed when the route function returns (``scope="function"``), before the response is sent
+    and its background tasks run, so a background task never waits for a second connection.
+    """
     session = session_factory(get_engine())()
     try:
         yield session
@@ -34,7 +136,7 @@ def get_session() -> Iterator[Session]:
         session.close()
 
 
-SessionDep = Annotated[Session, Depends(get_session)]
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 
 
 def unauthorized(message: str) -> APIError:

@@ -1,7 +1,10 @@
 """One error shape for every failure: ``{"error": {"code", "message", "details"}}``.
 
 Bad input is always a 4xx with a code a client can branch on; anything unexpected is a 500 in
-the same shape, logged here with its traceback and never sent to the client.
+the same shape, logged here with its traceback and never sent to the client. Infrastructure
+faults are not the request's fault: a database that does not answer (down, restarting, no
+connection within DB_POOL_TIMEOUT) is a 503 ``database_unavailable`` with Retry-After, and the
+pool's pre-ping reconnects once it is back.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
+from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
@@ -53,6 +57,26 @@ class APIError(StarletteHTTPException):
 
 def not_found(what: str) -> APIError:
     return APIError(404, f"{what} not found")
+
+
+DATABASE_RETRY_AFTER_S = 2
+
+
+def service_unavailable(message: str, *, code: str = "unavailable", retry_after: int = DATABASE_RETRY_AFTER_S,
+                        details: Any = None) -> APIError:
+    """A 503 telling the client when to try again: the fault is ours and passing, not the request's."""
+    return APIError(503, message, code=code, details={"retry_after_s": retry_after, **(details or {})},
+                    headers={"Retry-After": str(retry_after)})
+
+
+def is_database_unavailable(exc: BaseException) -> bool:
+    """The database did not answer (refused, dropped, restarting, pool exhausted), as opposed to a
+    statement it refused (an IntegrityError, a bad query): those stay bugs, answered 500."""
+    if isinstance(exc, sa_exc.TimeoutError):  # no pooled connection within DB_POOL_TIMEOUT
+        return True
+    if isinstance(exc, sa_exc.DBAPIError):
+        return exc.connection_invalidated or isinstance(exc, (sa_exc.OperationalError, sa_exc.InterfaceError))
+    return False
 
 
 def error_body(code: str, message: str, details: Any = None) -> dict[str, Any]:
@@ -117,6 +141,15 @@ async def _request_validation_error(_request: Request, exc: RequestValidationErr
     return error_response(422, "validation_error", "the request is not valid", field_errors(errors))
 
 
+async def _database_error(request: Request, exc: Exception) -> JSONResponse:
+    if not is_database_unavailable(exc):
+        raise exc  # a bug, not an outage: the 500 handler logs it (and a test client re-raises it)
+    log.warning("database unavailable on %s %s: %s", request.method, request.url.path,
+                str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__)
+    error = service_unavailable("the database is not answering: retry shortly", code="database_unavailable")
+    return await _api_error(request, error)
+
+
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
     return error_response(500, "internal_error", "internal server error")
@@ -126,4 +159,6 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _request_validation_error)
+    app.add_exception_handler(sa_exc.DBAPIError, _database_error)
+    app.add_exception_handler(sa_exc.TimeoutError, _database_error)
     app.add_exception_handler(Exception, _unexpected_error)

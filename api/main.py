@@ -1,15 +1,19 @@
 """The InstaBatch HTTP API: ``uvicorn api.main:app`` or ``instabatch serve``.
 
 ``create_app()`` reads no settings while it builds the app, so tests (and the CLI) can set the
-environment first; every request reads the current settings.
+environment first; every request reads the current settings. At startup the thread limiter and
+the database permits are sized from ``DB_POOL_SIZE`` together (see ``api/deps.py`` for why).
 """
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from api.deps import db_permits
 from api.errors import install_error_handlers
 from api.middleware import BodySizeLimit, RequestMetrics
 from api.routes import audit, batches, health, items, keys, objects, review
@@ -22,8 +26,14 @@ Authenticate with `Authorization: Bearer <api key>`. Every error is
 `{"error": {"code", "message", "details"}}` with a 4xx status for bad input."""
 
 
+@asynccontextmanager
+async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+    db_permits()  # threads = permits = DB_POOL_SIZE on this event loop, before the first request
+    yield
+
+
 def create_app() -> FastAPI:
-    app = FastAPI(title="InstaBatch", version="1", description=DESCRIPTION)
+    app = FastAPI(title="InstaBatch", version="1", description=DESCRIPTION, lifespan=lifespan)
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(batches.router, prefix=API_PREFIX)

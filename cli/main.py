@@ -99,10 +99,18 @@ def serve(
     host: Annotated[str, typer.Option(help="interface to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="port")] = 8000,
     workers: Annotated[int, typer.Option(help="uvicorn worker processes")] = 1,
+    db_pool_size: Annotated[Optional[int], typer.Option(
+        help="database connections per process, and as many requests at the database and threads "
+             "(default: DB_POOL_SIZE, 10); a process opens at most this + 2", min=1)] = None,
 ) -> None:
     """The HTTP API (uvicorn api.main:app). Migrates an embedded SQLite ledger first."""
     import uvicorn
 
+    if db_pool_size is not None:
+        os.environ["DB_POOL_SIZE"] = str(db_pool_size)  # read by the app (and by each worker process)
+        from core.settings import get_settings
+
+        get_settings.cache_clear()
     _migrate_embedded()
     uvicorn.run("api.main:app", host=host, port=port, workers=workers, proxy_headers=True)
 

@@ -1,6 +1,14 @@
-"""Database engine and sessions for the ledger (PostgreSQL in production, SQLite embedded)."""
+"""Database engine and sessions for the ledger (PostgreSQL in production, SQLite embedded).
+
+The pool is sized from ``DB_POOL_SIZE``, the same number the API admits requests to the database
+with (``api/deps.py``): a request never waits for a connection while holding one or a thread, so
+the pool cannot deadlock; the few overflow connections are for callers outside those permits
+(``/readyz``, ``/metrics``). A checkout that still waits ``DB_POOL_TIMEOUT`` raises instead of
+hanging (the API answers 503), and ``pool_pre_ping`` replaces connections a database restart broke.
+"""
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
@@ -19,13 +27,23 @@ def normalize_url(url: str) -> str:
     return url
 
 
+# Connections beyond DB_POOL_SIZE, for the callers that take no request permit (health, metrics).
+POOL_OVERFLOW = 2
+
+
 def make_engine(url: str) -> Engine:
     url = normalize_url(url)
+    settings = get_settings()
+    pool = {"pool_size": settings.db_pool_size, "max_overflow": POOL_OVERFLOW,
+            "pool_timeout": settings.db_pool_timeout}
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+        in_memory = url in ("sqlite://", "sqlite:///:memory:") or "mode=memory" in url
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False},
+                               **({} if in_memory else pool))
         event.listen(engine, "connect", _tune_sqlite)
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+    return create_engine(url, pool_pre_ping=True, connect_args={"connect_timeout": settings.db_connect_timeout},
+                         **pool)
 
 
 def _tune_sqlite(dbapi_connection, _record) -> None:
@@ -39,9 +57,23 @@ def _tune_sqlite(dbapi_connection, _record) -> None:
     cursor.close()
 
 
+_ENGINES_LOCK = threading.Lock()
+
+
 @lru_cache(maxsize=8)
-def engine_for(url: str) -> Engine:
+def _cached_engine(url: str) -> Engine:
     return make_engine(url)
+
+
+def engine_for(url: str) -> Engine:
+    """The process's one engine for ``url``. Under a lock: lru_cache alone lets a burst of first
+    requests each build an engine (and a pool) of its own, each keeping connections past the budget."""
+    with _ENGINES_LOCK:
+        return _cached_engine(url)
+
+
+engine_for.cache_clear = _cached_engine.cache_clear  # type: ignore[attr-defined]
+engine_for.cache_info = _cached_engine.cache_info  # type: ignore[attr-defined]
 
 
 def get_engine() -> Engine:

@@ -92,6 +92,14 @@ class Settings(BaseSettings):
     # Bootstrap admin key for a fresh deployment (hashed on first use, never stored in clear).
     bootstrap_admin_key: str | None = Field(None, alias="INSTABATCH_ADMIN_KEY")
 
+    # Database concurrency, sized together from one number (core/db.py, api/deps.py): each process's
+    # pool holds DB_POOL_SIZE connections (plus two for /readyz and /metrics), and the API admits
+    # at most DB_POOL_SIZE requests to the database at once, with as many threads. A request that
+    # waits DB_POOL_TIMEOUT seconds for its turn (or a connection) is answered 503 with Retry-After.
+    db_pool_size: int = Field(10, alias="DB_POOL_SIZE", ge=1, le=500)
+    db_pool_timeout: float = Field(10.0, alias="DB_POOL_TIMEOUT", gt=0, le=300)
+    db_connect_timeout: int = Field(5, alias="DB_CONNECT_TIMEOUT", ge=1, le=300)
+
     # API: the secret that signs local object URLs (a random one is kept in var_dir when unset,
     # shared by every API process on the machine).
     url_signing_secret: str | None = Field(None, alias="INSTABATCH_URL_SECRET")
