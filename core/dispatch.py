@@ -10,7 +10,7 @@ An outbox row is *pending* until published, then *in flight* until a worker take
    claimed (overtaken: the broker lost it, or a worker died between taking it and claiming), or
    nothing at all was claimed on the queue for as long and no item is running (the queue stalled:
    a broker restarted empty);
-3. publishes pending rows, oldest first, until ``DISPATCH_IN_FLIGHT`` rows of a queue are in flight.
+3. publishes pending rows, oldest first, until ``DISPATCH_IN_FLIGHT`` rows of each batch are in flight.
 
 Publishing happens after the batch commits, so a broker outage never loses a batch: the rows stay
 pending and the next pass (API after each submission, a worker after each chunk, the sweeper,
@@ -95,7 +95,7 @@ def lost_chunks(session: Session, settings: Settings, now: datetime) -> list[tup
             condition = and_(condition, Outbox.dispatched_at < newest_claimed_send)  # overtaken
         lost += [tuple(row) for row in session.execute(
             select(Outbox.id, Outbox.item_ids, Outbox.queue).where(condition).order_by(Outbox.id)
-            .limit(settings.dispatch_in_flight))]
+            .limit(PAGE))]
     return lost
 
 
@@ -108,26 +108,31 @@ def resend_lost(sessions: sessionmaker[Session], celery: Celery, settings: Setti
 
 
 def fill(sessions: sessionmaker[Session], celery: Celery, settings: Settings) -> int:
-    """Publish pending rows, oldest first, while fewer than the bound are in flight on their queue."""
+    """Publish pending rows, oldest first, while fewer than the bound of their batch are in flight.
+
+    The bound is per batch, so a 50,000-item batch has no more chunks waiting in the broker than
+    a 50-item one, and batches submitted later interleave with it instead of queueing behind it."""
     sent = 0
     while True:
         with sessions() as session:
-            flying = dict(session.execute(
-                select(Outbox.queue, func.count()).where(in_flight()).group_by(Outbox.queue)).all())
-            pending = session.execute(
-                select(Outbox.id, Outbox.item_ids, Outbox.queue).where(Outbox.dispatched_at.is_(None))
-                .order_by(Outbox.id).limit(PAGE)
-                .with_for_update(skip_locked=True)  # PostgreSQL: two relays never take the same rows
+            flying = (select(Outbox.batch_id, func.count().label("n")).where(in_flight())
+                      .group_by(Outbox.batch_id).subquery())
+            ranked = select(Outbox.id, Outbox.batch_id, func.row_number().over(
+                partition_by=Outbox.batch_id, order_by=Outbox.id).label("rank")
+            ).where(Outbox.dispatched_at.is_(None)).subquery()
+            room = settings.dispatch_in_flight - func.coalesce(flying.c.n, 0)
+            chosen = session.scalars(
+                select(ranked.c.id).outerjoin(flying, flying.c.batch_id == ranked.c.batch_id)
+                .where(ranked.c.rank <= room).order_by(ranked.c.id).limit(PAGE)
             ).all()
-            room = {queue: settings.dispatch_in_flight - flying.get(queue, 0) for _, _, queue in pending}
-            chosen = []
-            for row in pending:
-                if room[row[2]] > 0:
-                    room[row[2]] -= 1
-                    chosen.append(row)
-            published = _publish(session, celery, chosen)
+            rows = session.execute(
+                select(Outbox.id, Outbox.item_ids, Outbox.queue)
+                .where(Outbox.id.in_(chosen), Outbox.dispatched_at.is_(None)).order_by(Outbox.id)
+                .with_for_update(skip_locked=True)  # PostgreSQL: two relays never take the same rows
+            ).all() if chosen else []
+            published = _publish(session, celery, [tuple(row) for row in rows])
             sent += published
-            if published < len(chosen) or len(pending) < PAGE or not any(room[q] > 0 for q in room):
+            if published < len(rows) or len(chosen) < PAGE:
                 return sent
 
 

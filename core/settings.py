@@ -65,7 +65,7 @@ class Settings(BaseSettings):
     lease_seconds: int = Field(60, alias="LEASE_SECONDS", ge=4)
     lease_heartbeat_seconds: float | None = Field(None, alias="LEASE_HEARTBEAT_SECONDS", gt=0)
     max_attempts: int = Field(3, alias="MAX_ATTEMPTS")
-    # Dispatch ("Bounded dispatch and broker loss"): at most DISPATCH_IN_FLIGHT chunks per queue
+    # Dispatch ("Bounded dispatch and broker loss"): at most DISPATCH_IN_FLIGHT chunks per batch
     # are in the broker unclaimed; one unclaimed for REDISPATCH_SECONDS while its queue stalled,
     # or overtaken by a chunk sent after it, is sent again.
     dispatch_in_flight: int = Field(32, alias="DISPATCH_IN_FLIGHT", ge=1)
