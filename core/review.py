@@ -181,12 +181,15 @@ def find_regeneration(session: Session, parent_image_id: str) -> RegenerationReq
 
 def pending_regenerations(session: Session, older_than: timedelta = timedelta(0),
                           limit: int = 500) -> list[RegenerationRequest]:
-    """Requests whose new image does not exist yet (published but not done, or never published)."""
+    """Requests whose new image does not exist yet and that were last sent longer than
+    ``older_than`` ago (the API sends each once as it is decided); ended ones are left alone."""
     cutoff = utcnow() - older_than
+    last_sent = func.coalesce(Review.regeneration_sent_at, Review.created_at)
     parent_ids = session.scalars(
         select(Review.image_id)
         .where(Review.decision == ReviewDecision.REGENERATED.value, Review.new_image_id.is_not(None),
-               Review.created_at <= cutoff, ~exists().where(Image.id == Review.new_image_id))
+               Review.regeneration_error.is_(None), last_sent <= cutoff,
+               ~exists().where(Image.id == Review.new_image_id))
         .order_by(Review.created_at).limit(limit)
     ).all()
     return [request for parent_id in parent_ids if (request := find_regeneration(session, parent_id))]
@@ -203,7 +206,30 @@ def republish_pending(session: Session, celery: Any, older_than: timedelta = tim
     requests = pending_regenerations(session, older_than)
     for request in requests:
         publish_regeneration(celery, request)
+        session.execute(update(Review).where(Review.image_id == request.parent_image_id,
+                                             Review.decision == ReviewDecision.REGENERATED.value)
+                        .values(regeneration_sent_at=utcnow()).execution_options(synchronize_session=False))
+    session.commit()
     return len(requests)
+
+
+def count_regeneration_attempt(session: Session, parent_image_id: str, max_attempts: int) -> int | None:
+    """Count one run of the regenerate task; None when the request ended or is out of attempts."""
+    return session.execute(
+        update(Review).where(Review.image_id == parent_image_id, Review.decision == ReviewDecision.REGENERATED.value,
+                             Review.regeneration_error.is_(None), Review.regeneration_attempts < max_attempts)
+        .values(regeneration_attempts=Review.regeneration_attempts + 1)
+        .returning(Review.regeneration_attempts).execution_options(synchronize_session=False)
+    ).scalar()
+
+
+def end_regeneration(session: Session, parent_image_id: str, error: str) -> bool:
+    """Mark the request ended without an image (visible on the parent's review); True if this call did."""
+    return session.execute(
+        update(Review).where(Review.image_id == parent_image_id, Review.decision == ReviewDecision.REGENERATED.value,
+                             Review.regeneration_error.is_(None))
+        .values(regeneration_error=error).execution_options(synchronize_session=False)
+    ).rowcount > 0
 
 
 # -- the queue ---------------------------------------------------------------------------

@@ -66,3 +66,36 @@ def test_regenerate_makes_a_linked_image_that_goes_through_qc_once(stack: Stack)
     if child.qc_verdict == "review":  # the new image waits for a reviewer like any other
         entries = api.get("reviewer", "/v1/review", params={"batch_id": batch_id}).json()["entries"]
         assert [(e["image_id"], e["parent_image_id"]) for e in entries] == [(child.id, parent.id)]
+
+
+def test_a_regenerate_out_of_attempts_ends_visibly_and_is_not_sent_again(stack: Stack):
+    """A regenerate whose prompt kills the worker is redelivered after every death; each run
+    counts an attempt first, so past MAX_ATTEMPTS the request ends, on the parent's review."""
+    from sqlalchemy import update
+
+    from models import Review
+
+    api = ApiHarness.start(team="t")
+    with running_worker(stack):
+        batch_id = stack.submit(["a blue cup on a grey table"], params={"width": 64, "height": 64})
+        stack.wait_until_done(batch_id)
+    (parent,) = stack.images(batch_id)
+    response = api.post("reviewer", f"/v1/images/{parent.id}/review",
+                        json={"decision": "regenerate", "reason_code": "blurry"})
+    request = response.json()["regeneration"]
+    with stack.sessions() as session:  # every earlier run died before recording anything
+        session.execute(update(Review).where(Review.image_id == parent.id)
+                        .values(regeneration_attempts=stack.settings.max_attempts))
+        session.commit()
+
+    ctx = stack.app.instabatch
+    assert regenerate_image(ctx, parent.id, request["seed"])["status"] == "dead"
+    assert regenerate_image(ctx, parent.id, request["seed"])["status"] == "dead"  # ended once
+    with stack.sessions() as session:
+        assert session.get(Image, request["new_image_id"]) is None
+        assert parent.id not in [r.parent_image_id for r in core_review.pending_regenerations(session)]
+    assert len(stack.events(batch_id, "image.regeneration_dead")) == 1
+    item = api.get("reviewer", f"/v1/items/{parent.item_id}").json()
+    (review,) = item["images"][0]["reviews"]
+    assert review["regeneration_attempts"] == stack.settings.max_attempts
+    assert review["regeneration_error"].startswith(f"dead after {stack.settings.max_attempts} attempts")

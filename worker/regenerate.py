@@ -39,7 +39,7 @@ class Job:
 
 def regenerate_image(ctx: WorkerContext, parent_image_id: str, seed: int, task_id: str = "local") -> dict[str, Any]:
     """Make the image a reviewer asked for; returns what happened (``status``: created, exists,
-    no_request or seed_mismatch)."""
+    no_request, seed_mismatch or dead)."""
     job, status = _job(ctx, parent_image_id, seed)
     if job is None:
         return {"status": status, "parent_image_id": parent_image_id}
@@ -69,12 +69,34 @@ def _job(ctx: WorkerContext, parent_image_id: str, seed: int) -> tuple[Job | Non
             return None, "seed_mismatch"
         if session.get(Image, request.new_image_id) is not None:
             return None, "exists"
+        if not _count_attempt(ctx, session, request):
+            return None, "dead"
         parent = session.get(Image, parent_image_id)
         row = session.get(Item, parent.item_id)
         item = ClaimedItem(id=row.id, batch_id=row.batch_id, seq=row.seq, external_id=row.external_id,
                            prompt=row.prompt, seed=row.seed, num_images=1, attempts=row.attempts)
         session.expunge(parent)
     return Job(request, parent, item), "ready"
+
+
+def _count_attempt(ctx: WorkerContext, session: Any, request: ledger_review.RegenerationRequest) -> bool:
+    """Count this run; past MAX_ATTEMPTS (the prompt keeps killing the worker) end the request,
+    visibly on the parent's review, instead of running it again."""
+    max_attempts = ctx.settings.max_attempts
+    attempts = ledger_review.count_regeneration_attempt(session, request.parent_image_id, max_attempts)
+    if attempts is not None:
+        session.commit()
+        return True
+    error = (f"dead after {max_attempts} attempts: every run of the regenerate task ended without an image "
+             "(the worker process died, was killed or timed out)")
+    if ledger_review.end_regeneration(session, request.parent_image_id, error):
+        batch_id = session.scalar(select(Image.batch_id).where(Image.id == request.parent_image_id))
+        audit.record(session, "image.regeneration_dead", actor=f"worker:{worker_identity()}", batch_id=batch_id,
+                     image_id=request.parent_image_id,
+                     payload={"new_image_id": request.new_image_id, "error": error, "max_attempts": max_attempts})
+        log.warning("regenerate %s: %s", request.parent_image_id, error)
+    session.commit()
+    return False
 
 
 def regenerated_key(parent_key: str, new_image_id: str) -> str:

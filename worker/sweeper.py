@@ -10,6 +10,7 @@ import logging
 import os
 import socket
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 from celery import Celery
 from sqlalchemy import and_, select, update
@@ -71,7 +72,9 @@ def sweep(sessions: sessionmaker[Session], celery: Celery | None = None, setting
         log.warning("sweeper: %d expired leases requeued, %d items dead", len(report.requeued), len(report.dead))
     report.dispatched = dispatch_pending(sessions, celery, settings)
     with sessions() as session:
-        report.dispatched += republish_pending(session, celery or get_celery())
+        # A regenerate unanswered for two leases was lost with its broker or its worker: send it again.
+        report.dispatched += republish_pending(session, celery or get_celery(),
+                                               older_than=timedelta(seconds=2 * settings.lease_seconds))
     report.completed_batches = complete_finished_batches(sessions, settings)
     return report
 

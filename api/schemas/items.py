@@ -25,6 +25,8 @@ class ReviewOut(ResponseModel):
     comment: str | None
     reviewer_name: str | None
     new_image_id: str | None
+    regeneration_attempts: int = Field(0, description="runs of the regenerate task started so far")
+    regeneration_error: str | None = Field(None, description="why the regeneration ended without an image")
     created_at: UtcDatetime
 
 
