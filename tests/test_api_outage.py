@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 
-from api.testing import ApiHarness, sample_batch
 from core.migrate import upgrade
+from tests.apikit import ApiHarness, sample_batch
 from tests.fixtures.services import free_port
 
 PG_CTL = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"))
