@@ -9,7 +9,7 @@ TORCH := torch==2.13.0
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 PIP := $(PY) -m pip install -q --disable-pip-version-check $(FIND_LINKS)
 
-.PHONY: setup demo test test-fast bench load browser clean
+.PHONY: setup demo test test-fast faults bench load browser clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -34,6 +34,13 @@ test: setup browser
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
+
+# The fault suite (tests/faults): the real stack as processes, nine faults mid-batch, an invariant
+# check after each, RESULT lines at the end. Sizes: FAULTS_ITEMS items per batch. `make test` runs
+# its short form (scenarios 2, 3 and 6 on small batches).
+FAULTS_ITEMS ?= 120
+faults: setup
+	INSTABATCH_FAULTS=full INSTABATCH_FAULTS_ITEMS=$(FAULTS_ITEMS) $(PY) -m pytest -m faults tests/faults -p no:cacheprovider -s -q
 
 bench: setup
 	$(PY) -m bench.cpu
