@@ -13,6 +13,7 @@ from core.broker import make_celery
 from core.db import make_engine, session_factory, session_scope
 from core.dispatch import dispatch_pending
 from core.settings import Settings
+from tests.workerkit import quiet_outbox
 from models import AuditEvent, Batch, Item, ItemState, Outbox
 
 
@@ -85,19 +86,21 @@ def test_relay_publishes_each_pending_chunk_once_to_redis(pg_url, redis_url):
     settings = Settings(DATABASE_URL=pg_url, BROKER_URL=redis_url)
     celery = make_celery(settings)
     engine = make_engine(pg_url)
+    sessions = session_factory(engine)
+    quiet_outbox(sessions)
     with session_scope(engine) as session:
         batch, _ = ledger.submit_batch(session, spec(20), team="t", actor="k", chunk_images=8)
-    sessions = session_factory(engine)
     client = redis.Redis.from_url(redis_url)
     client.delete("generate")
-    sent = dispatch_pending(sessions, celery)
+    sent = dispatch_pending(sessions, celery, settings)
     assert sent >= 1
-    assert dispatch_pending(sessions, celery) == 0
+    assert dispatch_pending(sessions, celery, settings) == 0
     messages = [json.loads(m) for m in client.lrange("generate", 0, -1)]
     assert len(messages) == sent
     assert all(m["headers"]["task"] == "instabatch.generate_chunk" for m in messages)
     with session_scope(engine) as session:
-        assert session.scalar(select(func.count()).select_from(Outbox).where(Outbox.dispatched_at.is_(None))) == 0
+        assert session.scalar(select(func.count()).select_from(Outbox).where(
+            Outbox.batch_id == batch.id, Outbox.dispatched_at.is_(None))) == 0
     client.delete("generate")
     engine.dispose()
 

@@ -102,3 +102,29 @@ def running_worker(stack: Stack, **options: Any) -> Iterator[Any]:
     with start_worker(stack.app, perform_ping_check=False, shutdown_timeout=60, loglevel="WARNING",
                       **options) as worker:
         yield worker
+
+
+def quiet_outbox(sessions: sessionmaker[Session]) -> None:
+    """Mark every outbox row sent and claimed: the session-wide PostgreSQL ledger holds other tests'
+    chunks, which a relay pass would otherwise publish or re-send beside the test's own."""
+    from sqlalchemy import func, update
+
+    from models import Outbox
+
+    with sessions() as session:
+        session.execute(update(Outbox).values(dispatched_at=func.coalesce(Outbox.dispatched_at, func.now()),
+                                              claimed_at=func.coalesce(Outbox.claimed_at, func.now())))
+        session.commit()
+
+
+def queued_messages(client: Any, queue: str, item_ids: set[str]) -> int:
+    """Generate messages in a Redis queue that carry any of these items."""
+    import base64
+    import json
+
+    count = 0
+    for raw in client.lrange(queue, 0, -1):
+        message = json.loads(raw)
+        if item_ids.intersection(json.loads(base64.b64decode(message["body"]))[0][0]):
+            count += 1
+    return count
