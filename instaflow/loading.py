@@ -8,7 +8,8 @@ XCLiu/2_rectified_flow_from_sd_1_5 checkpoints::
     vae/             AutoencoderKL
     text_encoder/    CLIPTextModel
     tokenizer/       CLIPTokenizer
-    scheduler/       optional; ignored: a Stable Diffusion scheduler gives wrong images
+    scheduler/       optional; the engine ignores it (plain Euler steps). Our checkpoints carry the PNDM
+                     config of the published InstaFlow ones, which the reference pipeline reads correctly
     safety_checker/  optional StableDiffusionSafetyChecker (needs feature_extractor/)
     feature_extractor/
 

@@ -53,7 +53,7 @@ def model_index(name: str) -> dict:
         "_class_name": "InstaFlowPipeline",
         "_diffusers_version": _diffusers_version(),
         "_name_or_path": name,
-        "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+        "scheduler": ["diffusers", "PNDMScheduler"],
         "text_encoder": ["transformers", "CLIPTextModel"],
         "tokenizer": ["transformers", "CLIPTokenizer"],
         "unet": ["diffusers", "UNet2DConditionModel"],
@@ -70,14 +70,22 @@ def _diffusers_version() -> str:
     return diffusers.__version__
 
 
+# The engine integrates the flow with plain Euler steps (t=0 noise -> t=1 data, UNet timestep
+# 1000 * (1 - t)) and reads no scheduler. InstaFlow's reference pipeline (a Stable Diffusion
+# pipeline subclass) scales the starting noise by `scheduler.init_noise_sigma` and reads
+# `scheduler.order`, so the folder carries the PNDM config the published InstaFlow checkpoints
+# carry (init_noise_sigma 1, order 1); an Euler config would scale the noise by ~157
+# (tests/test_reference_layout.py runs both pipelines on the shipped weights).
 SCHEDULER_CONFIG = {
-    # The engine ignores it: the model is a rectified flow integrated with plain Euler steps
-    # (t=0 noise -> t=1 data, UNet timestep 1000 * (1 - t)). Kept for the diffusers layout.
-    "_class_name": "EulerDiscreteScheduler",
+    "_class_name": "PNDMScheduler",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
     "num_train_timesteps": 1000,
-    "prediction_type": "v_prediction",
-    "timestep_spacing": "linspace",
-    "note": "rectified flow: velocity v = x1 - z; x += dt * v; not an epsilon/DDPM schedule",
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
 }
 
 
