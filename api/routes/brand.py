@@ -17,7 +17,6 @@ from core import brand
 from core.keys import MAX_TEAM_CHARS
 from core.params import Corner
 from core.storage import get_store
-from models import Role
 
 router = APIRouter(prefix="/teams/{team}", tags=["brand"])
 TeamPath = Annotated[str, Path(max_length=MAX_TEAM_CHARS, pattern=r"^[^\x00/]+$")]
@@ -29,11 +28,11 @@ def rules_out(rules: brand.TeamRules) -> BrandRulesOut:
 
 
 @router.get("/brand-rules", response_model=BrandRulesOut, responses=ERROR_RESPONSES,
-            summary="The team's brand rules (latest, or ?version=N); admins and the team's own keys")
+            summary="The team's brand rules (latest, or ?version=N); its own submitters and every other role")
 def get_rules(team: TeamPath, session: SessionDep, principal: ReaderDep,
               version: Annotated[int | None, Query(ge=1)] = None) -> BrandRulesOut:
     found = brand.current_rules(session, team, version)
-    if found is None or (principal.role != Role.ADMIN and principal.team != team):
+    if found is None or not principal.can_see_team(team):  # another team's rules are 404, like its batches
         raise not_found("brand rules")
     return rules_out(found)
 
@@ -59,7 +58,7 @@ async def png_body(request: Request) -> bytes:
                 "schema": {"type": "string", "format": "binary"}}}}},
             summary="Upload the team's logo (PNG with alpha): stored under its sha256, a new rules version")
 def put_logo(
-    team: TeamPath, data: Annotated[bytes, Depends(png_body)], session: SessionDep, principal: AdminDep,
+    team: TeamPath, session: SessionDep, principal: AdminDep, data: Annotated[bytes, Depends(png_body)],
     corner: Annotated[Corner | None, Query()] = None,
     scale: Annotated[float | None, Query(ge=0.02, le=0.5)] = None,
     opacity: Annotated[float | None, Query(ge=0.05, le=1.0)] = None,
