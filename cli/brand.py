@@ -44,7 +44,8 @@ def show(team: Annotated[str, typer.Argument(help="the team")],
     with session_scope() as session:
         rules = current_rules(session, team, version)
         if rules is None:
-            console.print(f"[red]error:[/] team {team!r} has no brand rules" + (f" version {version}" if version else ""))
+            which = f" version {version}" if version else ""
+            console.print(f"[red]error:[/] team {team!r} has no brand rules{which}")
             raise typer.Exit(1)
         _print(rules)
 

@@ -84,9 +84,17 @@ def test_a_sku_column_a_missing_cell_and_a_template_that_does_not_parse():
         expanded(text, prompt="{{ colour ")
 
 
-def test_the_sandbox_keeps_templates_away_from_python_objects():
+def test_the_sandbox_keeps_templates_away_from_python_objects_and_bounds_their_work():
     result = expanded(catalogue_csv(1), prompt="{{ colour.__class__.__mro__ }}", variants={})
     assert not result.items and result.problems
+    result = expanded(catalogue_csv(1), prompt="{{ colour * 1000000000 }}", variants={})
+    assert not result.items and "'*' is not allowed" in result.problems[0].message
+    for heavy, message in (("{% for i in range(9) %}{{ i }}{% endfor %}", "for is not supported"),
+                           ("{{ colour | center(1000000000) }}", "No filter named 'center'")):
+        with pytest.raises(CatalogueError, match=message):
+            expanded(catalogue_csv(1), prompt=heavy, variants={})
+    conditional = "a {{ colour | title }} {% if size == 'small' %}compact{% else %}roomy{% endif %} {{ product }}"
+    assert expanded(catalogue_csv(1), prompt=conditional, variants={}).items[0].prompt == "a Red compact ceramic mug"
 
 
 # -- through the API on PostgreSQL + Redis -------------------------------------------------
@@ -202,7 +210,8 @@ def test_a_logo_must_be_a_png_with_alpha_and_rules_may_name_only_an_uploaded_log
     path = f"/v1/teams/{api.team}/logo"
     rgb = io.BytesIO()
     Image.new("RGB", (8, 8), "red").save(rgb, format="PNG")
-    assert api.request("admin", "PUT", path, content=b"GIF89a", headers={"Content-Type": "image/gif"}).status_code == 415
+    gif = api.request("admin", "PUT", path, content=b"GIF89a", headers={"Content-Type": "image/gif"})
+    assert gif.status_code == 415
     response = api.request("admin", "PUT", path, content=rgb.getvalue(), headers={"Content-Type": "image/png"})
     assert response.status_code == 422 and "alpha" in response.json()["error"]["message"]
     response = api.request("admin", "PUT", f"/v1/teams/{api.team}/brand-rules", json={"logo": {"sha256": "ab" * 32}})

@@ -29,7 +29,8 @@ class LogoMissing(RuntimeError):
     """The logo named by the batch is not in the store, or its bytes do not match its sha256."""
 
 
-def placement_box(image_size: tuple[int, int], logo_size: tuple[int, int], logo: LogoParams) -> tuple[int, int, int, int]:
+def placement_box(image_size: tuple[int, int], logo_size: tuple[int, int],
+                  logo: LogoParams) -> tuple[int, int, int, int]:
     """Where the logo goes: (left, top, width, height) in image pixels."""
     width, height = image_size
     logo_width = max(1, round(width * logo.scale))
