@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import time
 
 import pytest
 from sqlalchemy import select
@@ -117,7 +118,14 @@ def items_of(batch_id: str) -> dict[str, int]:
 
 
 def test_a_500_row_catalogue_with_2x2_variants_is_2000_items_with_stable_ids_and_seeds(api):
+    started = time.perf_counter()
+    preview = api.post("submitter", "/v1/batches:preview", json=catalogue_body(catalogue_csv(500))).json()
+    previewed = time.perf_counter()
     first = api.submit(body=catalogue_body(catalogue_csv(500)))
+    submitted = time.perf_counter()
+    assert preview["ok"] and preview["items"] == 2000
+    print(f"RESULT catalogue_items=2000 catalogue_preview_seconds={previewed - started:.2f} "
+          f"catalogue_submit_seconds={submitted - previewed:.2f}")
     assert first["total_items"] == 2000 and first["status"] == "queued"
     items = items_of(first["id"])
     assert len(items) == 2000 and len(set(items.values())) == 2000
