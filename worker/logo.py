@@ -43,13 +43,27 @@ def placement_box(image_size: tuple[int, int], logo_size: tuple[int, int],
 
 def overlay(picture: Image.Image, logo: Image.Image, placement: LogoParams) -> Image.Image:
     """The picture with the logo composited at its corner, scale and opacity (a new RGB image)."""
-    left, top, width, height = placement_box(picture.size, logo.size, placement)
+    return composite(picture, *scaled_mark(logo, picture.size, placement))
+
+
+def scaled_mark(logo: Image.Image, size: tuple[int, int],
+                placement: LogoParams) -> tuple[Image.Image, tuple[int, int]]:
+    """The logo at its size and opacity for images of ``size``, and where it goes (once per forward pass)."""
+    left, top, width, height = placement_box(size, logo.size, placement)
     mark = logo.convert("RGBA").resize((width, height), Image.Resampling.LANCZOS)
     table = [round(value * placement.opacity) for value in range(256)]
     mark.putalpha(mark.getchannel("A").point(table))
-    canvas = picture.convert("RGBA")
-    canvas.alpha_composite(mark, dest=(max(left, 0), max(top, 0)))
-    return canvas.convert("RGB")
+    return mark, (max(left, 0), max(top, 0))
+
+
+def composite(picture: Image.Image, mark: Image.Image, at: tuple[int, int]) -> Image.Image:
+    """Only the logo's box is blended (the picture is opaque): the same pixels as blending the whole."""
+    box = (*at, min(at[0] + mark.width, picture.width), min(at[1] + mark.height, picture.height))
+    region = picture.crop(box).convert("RGBA")
+    region.alpha_composite(mark.crop((0, 0, box[2] - box[0], box[3] - box[1])))
+    out = picture.convert("RGB")
+    out.paste(region.convert("RGB"), at)
+    return out
 
 
 def load_logo(store: Any, sha256: str) -> Image.Image:
@@ -90,7 +104,8 @@ def stamp(ctx: Any, params: GenerationParams, jobs: Sequence[tuple[Any, int, int
     logo = ctx.retry(lambda: load_logo(ctx.store, params.logo.sha256), what="fetching the logo")
     if params.logo.keep_unmarked:
         keep_unmarked(ctx, jobs, pictures)
-    return [overlay(picture, logo, params.logo) for picture in pictures]
+    marks = {size: scaled_mark(logo, size, params.logo) for size in {picture.size for picture in pictures}}
+    return [composite(picture, *marks[picture.size]) for picture in pictures]
 
 
 def keep_unmarked(ctx: Any, jobs: Sequence[tuple[Any, int, int]], pictures: Sequence[Image.Image]) -> None:
