@@ -73,7 +73,7 @@ def test_the_logo_is_at_its_corner_named_in_the_provenance_and_a_rerun_draws_the
         external = {item.id: item for item in stack.items(batch_id)}
         for image in stack.images(batch_id):
             data = stack.store.get(image.storage_key)
-            marked, unmarked = pixels(data), pixels(stack.store.get(unmarked_key(image.storage_key)))
+            marked, unmarked = pixels(data), pixels(stack.store.get(unmarked_key(image.storage_key, image.seed)))
             assert (marked[top:top + height, left:left + width] == MAGENTA).all()
             assert not (unmarked[top:top + height, left:left + width] == MAGENTA).all()
             outside = np.ones(marked.shape[:2], bool)

@@ -5,7 +5,7 @@ PNG carries, the branded image. The placement comes from ``params.logo`` (copied
 brand rules at submission, core/brand.py); the logo itself from object storage under its sha256,
 checked on every fetch. Deterministic: the same image, logo and placement give the same pixels
 (Lanczos resampling, an 8-bit alpha table, PIL's alpha compositing). The unmarked image is
-stored beside the marked one only when the rules ask (``keep_unmarked``).
+stored beside the marked one only when the rules ask (``keep_unmarked``): ``N.seedS.unmarked.png``.
 """
 from __future__ import annotations
 
@@ -92,8 +92,10 @@ def provenance(params: GenerationParams) -> dict[str, Any]:
             f"opacity={logo.opacity} margin={logo.margin}", "logo_unmarked_kept": logo.keep_unmarked}
 
 
-def unmarked_key(key: str) -> str:
-    return key.removesuffix(".png") + ".unmarked.png"
+def unmarked_key(key: str, seed: int) -> str:
+    """Beside the marked image's key, named by seed too: a reviewer's regenerate draws the same index
+    with a new seed, and the write-once store would otherwise keep the first unmarked copy."""
+    return f"{key.removesuffix('.png')}.seed{seed}.unmarked.png"
 
 
 def stamp(ctx: Any, params: GenerationParams, jobs: Sequence[tuple[Any, int, int]],
@@ -112,7 +114,7 @@ def keep_unmarked(ctx: Any, jobs: Sequence[tuple[Any, int, int]], pictures: Sequ
     from worker.records import storage_key
 
     for (item, index, seed), picture in zip(jobs, pictures):
-        key = unmarked_key(storage_key(item.batch_id, item.seq, item.id, index))
+        key = unmarked_key(storage_key(item.batch_id, item.seq, item.id, index), seed)
         record = {"item_id": item.id, "batch_id": item.batch_id, "seed": seed, "index": index, "unmarked": "true"}
         png = encode_png(picture, record)
         ctx.retry(lambda: ctx.store.put(key, png, {k: str(v) for k, v in record.items()}), what=f"storing {key}")
