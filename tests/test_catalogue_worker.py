@@ -63,9 +63,16 @@ def test_the_logo_is_at_its_corner_named_in_the_provenance_and_a_rerun_draws_the
     with running_worker(stack):
         first = api.submit(body=body)
         assert stack.wait_until_done(first["id"])["succeeded"] == 8
+        # The same logo again, now without unmarked copies: rules version 2, the same placement.
+        again = api.request("admin", "PUT", f"/v1/teams/{api.team}/logo", content=png,
+                            params={"keep_unmarked": False}, headers={"Content-Type": "image/png"})
+        assert again.json()["version"] == 2 and again.json()["rules"]["logo"]["corner"] == "bottom-right"
         second = api.submit(body={**body, "name": "the same catalogue again"})
         assert stack.wait_until_done(second["id"])["succeeded"] == 8
     assert first["brand_rules_version"] == 1 and first["params"]["logo"]["sha256"] == sha256
+    assert second["brand_rules_version"] == 2
+    marked_keys = sorted(image.storage_key for image in stack.images(second["id"]))
+    assert sorted(stack.store.list_keys(f"batches/{second['id']}/")) == marked_keys  # nothing unmarked kept
 
     left, top, width, height = 46, 46, 16, 16  # 64 px: 0.25 -> 16 px, margin round(1.92) = 2, bottom-right
     drawn = {}
@@ -73,12 +80,14 @@ def test_the_logo_is_at_its_corner_named_in_the_provenance_and_a_rerun_draws_the
         external = {item.id: item for item in stack.items(batch_id)}
         for image in stack.images(batch_id):
             data = stack.store.get(image.storage_key)
-            marked, unmarked = pixels(data), pixels(stack.store.get(unmarked_key(image.storage_key, image.seed)))
+            marked = pixels(data)
             assert (marked[top:top + height, left:left + width] == MAGENTA).all()
-            assert not (unmarked[top:top + height, left:left + width] == MAGENTA).all()
-            outside = np.ones(marked.shape[:2], bool)
-            outside[top:top + height, left:left + width] = False
-            assert (marked[outside] == unmarked[outside]).all()
+            if batch_id == first["id"]:  # kept: the same picture outside the logo's box, none inside
+                unmarked = pixels(stack.store.get(unmarked_key(image.storage_key, image.seed)))
+                assert not (unmarked[top:top + height, left:left + width] == MAGENTA).all()
+                outside = np.ones(marked.shape[:2], bool)
+                outside[top:top + height, left:left + width] = False
+                assert (marked[outside] == unmarked[outside]).all()
             provenance = read_png_provenance(data)
             assert provenance["logo_sha256"] == sha256 and "bottom-right" in provenance["logo_placement"]
             assert stack.store.head(image.storage_key)["logo_sha256"] == sha256
