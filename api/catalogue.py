@@ -56,15 +56,20 @@ class Plan:
 
 # -- parsing -------------------------------------------------------------------------------
 
-def is_catalogue(content_type: str | None, body: bytes) -> bool:
-    """A JSON object with a ``template`` field (cheap test first: most bodies are lists of prompts)."""
+def catalogue_data(content_type: str | None, body: bytes) -> dict[str, Any] | None:
+    """The body when it is a JSON object with a ``template`` field (a cheap test first: most bodies are
+    lists of prompts); None for anything else, which api/intake.py parses or refuses as before."""
     if media_type(content_type) not in JSON_TYPES or b'"template"' not in body:
-        return False
+        return None
     try:
-        data = json.loads(body)
-    except ValueError:
-        return False
-    return isinstance(data, dict) and "template" in data
+        data = json.loads(body, parse_constant=_not_json)
+    except (ValueError, RecursionError):
+        return None
+    return data if isinstance(data, dict) and "template" in data else None
+
+
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 def parse_catalogue(data: Any) -> CatalogueBatchCreate:
@@ -73,10 +78,6 @@ def parse_catalogue(data: Any) -> CatalogueBatchCreate:
     except ValidationError as exc:
         errors = exc.errors(include_input=False, include_url=False, include_context=False)
         raise APIError(422, "the catalogue batch is not valid", details=field_errors(errors, ("body",))) from None
-
-
-def parse_catalogue_body(body: bytes) -> CatalogueBatchCreate:
-    return parse_catalogue(json.loads(body))
 
 
 # -- planning ------------------------------------------------------------------------------

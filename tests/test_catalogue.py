@@ -240,3 +240,22 @@ def test_the_example_catalogue_stays_within_the_tiny_models_vocabulary():
     for item in result.items:
         parsed = parse_prompt(item.prompt)
         assert parsed is not None and None not in parsed.values(), item.prompt
+
+
+def test_json_rows_name_the_row_and_a_malformed_catalogue_request_is_a_422(api):
+    rows = [{"sku": "A-1", "product": "mug", "colour": "red", "size": "small"},
+            {"sku": "A-2", "product": "mug", "colour": None, "size": "large"}]
+    body = {"name": "rows", "template": TEMPLATE, "rows": rows}
+    before = ledger_rows()
+    preview = api.post("submitter", "/v1/batches:preview", json=body).json()
+    assert preview["items"] == 4 and [(p["row"], p["line"], p["column"]) for p in preview["problems"]] == [
+        (2, None, "colour")]
+    for bad, code in (({**body, "catalogue_csv": "sku\nA\n"}, "validation_error"),  # rows and a CSV
+                      ({**body, "template": {**TEMPLATE, "external_id_column": "sku"}}, "validation_error"),
+                      ({**body, "template": {**TEMPLATE, "prompt": "{{ colour"}}, "bad_catalogue"),
+                      ({**body, "template": {**TEMPLATE, "variants": {"a/b": ["x"]}}}, "validation_error")):
+        response = api.post("submitter", "/v1/batches", json=bad)
+        assert response.status_code == 422 and response.json()["error"]["code"] == code, response.text
+    response = api.post("submitter", "/v1/batches?name=x", json=body)
+    assert response.status_code == 422 and "query parameters" in response.json()["error"]["message"]
+    assert ledger_rows() == before

@@ -69,10 +69,11 @@ async def batch_request(request: Request) -> catalogue.BatchRequest:
     the JSON names a ``template``, else a list of prompts (api/intake.py)."""
     body = await request.body()
     content_type = request.headers.get("content-type")
-    if catalogue.is_catalogue(content_type, body):
+    data = await run_in_threadpool(catalogue.catalogue_data, content_type, body)
+    if data is not None:
         if request.query_params:
             raise APIError(422, "query parameters are for CSV uploads; put them in the JSON body")
-        return await run_in_threadpool(catalogue.parse_catalogue_body, body)
+        return await run_in_threadpool(catalogue.parse_catalogue, data)
     return await run_in_threadpool(parse_batch_request, content_type, body, request.query_params)
 
 
