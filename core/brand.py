@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -49,6 +49,18 @@ class BrandRules(BaseModel):
     format: Literal["png"] = Field("png", description="PNG only: provenance travels in its text chunks")
     refine: RefineParams | None = None
     logo: LogoParams | None = Field(None, description="placement of an uploaded logo (PUT .../logo)")
+
+    @model_validator(mode="after")
+    def _defaults_are_valid_params(self) -> "BrandRules":
+        """Refused when saved, not later at every batch: the defaults must be valid params on their own."""
+        refine = self.refine.model_dump() if self.refine else {}
+        defaults = {"width": self.width, "height": self.height, "refine": refine}
+        try:
+            GenerationParams.model_validate(defaults, strict=False)
+        except ValidationError as exc:
+            raise ValueError("; ".join(f"{'.'.join(map(str, e['loc'])) or 'params'}: {e['msg']}"
+                                       for e in exc.errors())) from None
+        return self
 
     def sha256(self) -> str:
         return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()

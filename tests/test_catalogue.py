@@ -175,6 +175,8 @@ def test_brand_rules_are_versioned_audited_and_refuse_a_forbidden_term_by_the_ru
              "required": [{"name": "studio-look", "terms": ["studio photo", "product shot"]}],
              "negative_prompt": "blurry, watermark", "width": 64, "height": 64}
     assert api.request("submitter", "PUT", path, json=rules).status_code == 403
+    bad_size = api.request("admin", "PUT", path, json={**rules, "width": 65})
+    assert bad_size.status_code == 422 and "multiple of 8" in bad_size.text
     first = api.request("admin", "PUT", path, json=rules)
     assert first.status_code == 200 and first.json()["version"] == 1
     rules["forbidden"][0]["terms"].append("globex")
