@@ -22,6 +22,7 @@ setup: $(STAMP)
 
 demo: setup
 	$(VENV)/bin/instabatch run examples/products.csv --out out/demo
+	$(VENV)/bin/instabatch run examples/catalogue.csv --template examples/catalogue-template.json --out out/catalogue
 
 # Debian's chromium drives the browser tests (Playwright with executable_path, no browser download).
 browser:

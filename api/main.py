@@ -16,8 +16,9 @@ from fastapi.openapi.utils import get_openapi
 from api.deps import db_permits
 from api.errors import install_error_handlers
 from api.middleware import BodySizeLimit, RequestMetrics
-from api.routes import audit, batches, health, items, keys, objects, review
+from api.routes import audit, batches, brand, health, items, keys, objects, review
 from api.schemas import BatchCreate
+from api.schemas.catalogue import CatalogueBatchCreate
 
 API_PREFIX = "/v1"
 DESCRIPTION = """Bulk product images with one-step InstaFlow generation.
@@ -40,6 +41,7 @@ def create_app() -> FastAPI:
     app.include_router(items.router, prefix=API_PREFIX)
     app.include_router(objects.router, prefix=API_PREFIX)
     app.include_router(keys.router, prefix=API_PREFIX)
+    app.include_router(brand.router, prefix=API_PREFIX)
     app.include_router(audit.router, prefix=API_PREFIX)
     app.include_router(review.router)  # /v1/review, /v1/images/{id}/review, contact sheets, the /review page
     # Added last = outermost: the size limit answers 413 before anything reads the body.
@@ -54,7 +56,7 @@ def openapi_schema(app: FastAPI) -> dict[str, Any]:
     if app.openapi_schema is None:
         schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
         components = schema.setdefault("components", {}).setdefault("schemas", {})
-        for model in (BatchCreate,):
+        for model in (BatchCreate, CatalogueBatchCreate):
             model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
             components.update(model_schema.pop("$defs", {}))
             components[model.__name__] = model_schema

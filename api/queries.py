@@ -81,7 +81,7 @@ def batch_views(session: Session, batches: Sequence[Batch]) -> list[BatchOut]:
 
 BATCH_COLUMNS = (
     "id", "name", "team", "priority", "params", "webhook_url", "idempotency_key", "submitted_by",
-    "total_items", "total_images", "created_at", "cancel_requested_at",
+    "total_items", "total_images", "created_at", "cancel_requested_at", "brand_rules_version",
 )
 
 

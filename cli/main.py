@@ -1,6 +1,9 @@
 """The ``instabatch`` command.
 
     instabatch run FILE --out DIR      a prompt file -> images + results.csv, on the embedded defaults
+    instabatch run CATALOGUE --template T.json --out DIR   a catalogue (rows x variants) instead
+    instabatch preview FILE [--template T.json]            what run would submit; queues nothing
+    instabatch brand show|set|logo     a team's brand rules and logo
     instabatch serve / worker / beat   the API, a Celery worker (one per GPU), the sweeper's scheduler
     instabatch db upgrade              migrate the ledger
     instabatch keys create|revoke|list API keys
@@ -24,6 +27,7 @@ import typer
 from rich.console import Console
 
 from cli.audit import audit_app, cli_actor
+from cli.brand import brand_app
 from cli.provenance import provenance
 
 app = typer.Typer(help="InstaBatch: bulk product images with one-step InstaFlow generation.",
@@ -39,10 +43,15 @@ app.add_typer(qc_app, name="qc")
 app.add_typer(train_app, name="train")
 app.add_typer(eval_app, name="eval")
 app.add_typer(audit_app, name="audit")
+app.add_typer(brand_app, name="brand")
 app.command("provenance")(provenance)
 
 console = Console()
 PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+TemplateOption = Annotated[Optional[Path], typer.Option(
+    help="FILE is a catalogue (CSV with any columns, or a JSON array of rows) and this the template JSON "
+         "(examples/catalogue-template.json)", exists=True, dir_okay=False)]
 
 
 @app.command()
@@ -66,10 +75,11 @@ def run(
     timeout: Annotated[Optional[float], typer.Option(help="give up after this many seconds")] = None,
     worker_app: Annotated[str, typer.Option(help="the Celery app module the worker runs", hidden=True)]
     = "worker.celery_app",
+    template: TemplateOption = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="print the preview; queue nothing")] = False,
 ) -> None:
     """Generate every prompt of FILE into DIR: PNGs plus results.csv. Exit 1 if any item did not succeed."""
-    from cli.inputs import InputError
-    from cli.run import EXIT_INTERRUPTED, EXIT_TROUBLE, RunOptions, RunTrouble
+    from cli.run import RunOptions
     from cli.run import run as run_batch
 
     params: dict = {"num_inference_steps": steps, "guidance_scale": guidance_scale}
@@ -79,9 +89,38 @@ def run(
     if refine or refine_options:
         params["refine"] = {"enabled": True, **refine_options}
     options = RunOptions(file=file, out=out, name=name, params=params, fresh=fresh, start_worker=worker,
-                         timeout=timeout, worker_app=worker_app)
+                         timeout=timeout, worker_app=worker_app, template=template, dry_run=dry_run)
+    _run_cli(lambda: run_batch(options, console, actor=cli_actor()))
+
+
+@app.command()
+def preview(
+    file: Annotated[Path, typer.Argument(help="a prompt file, or a catalogue with --template", exists=True,
+                                         dir_okay=False)],
+    template: TemplateOption = None,
+    name: Annotated[Optional[str], typer.Option(help="batch name (default: the file's name)")] = None,
+    width: Annotated[Optional[int], typer.Option(help="image width")] = None,
+    height: Annotated[Optional[int], typer.Option(help="image height")] = None,
+    guidance_scale: Annotated[float, typer.Option(help="> 1 turns on classifier-free guidance")] = 0.0,
+) -> None:
+    """What `instabatch run` would submit: the count, the first prompts, the device time, every problem.
+    Queues nothing; exit 2 when the file would be refused."""
+    from cli.run import RunOptions
+    from cli.run import preview as preview_file
+
+    params: dict = {"guidance_scale": guidance_scale}
+    params.update({key: value for key, value in (("width", width), ("height", height)) if value is not None})
+    options = RunOptions(file=file, out=Path("."), name=name, params=params, template=template)
+    _run_cli(lambda: preview_file(options, console))
+
+
+def _run_cli(work: Callable[[], int]) -> None:
+    """Run a `run`-like command: its exit code, or a short error for bad input and trouble."""
+    from cli.inputs import InputError
+    from cli.run import EXIT_INTERRUPTED, EXIT_TROUBLE, RunTrouble
+
     try:
-        code = run_batch(options, console, actor=cli_actor())
+        code = work()
     except InputError as error:
         console.print(f"[red]error:[/] {error}", highlight=False)
         raise typer.Exit(2) from None

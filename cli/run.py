@@ -4,6 +4,10 @@ The batch goes through the same ledger, outbox, broker and worker as an API subm
 the same command again resumes the same batch (its Idempotency-Key is the file's content and the
 options): nothing already generated is generated again, failed items get another try, and the
 results are written again from the stored images. ``--fresh`` submits a new batch instead.
+
+``--template T.json`` reads FILE as a catalogue (api/catalogue.py); the team ``cli``'s brand rules
+apply as they do to API batches. ``--dry-run`` prints the preview (count, first prompts, device
+time, every row's problem) and queues nothing.
 """
 from __future__ import annotations
 
@@ -13,13 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from cli.export import export_batch
-from cli.inputs import read_batch
+from cli.inputs import InputError, api_error_text, read_request
 from cli.supervisor import DEFAULT_APP, WorkerProcess
 from core import ledger
 from core.broker import make_celery
@@ -34,7 +39,7 @@ from worker.sweeper import sweep
 
 CLI_TEAM = "cli"
 SWEEP_EVERY = 5.0  # seconds between sweeps in the watch loop: expired leases, pending chunks
-EXIT_OK, EXIT_ITEMS_FAILED, EXIT_TROUBLE, EXIT_INTERRUPTED = 0, 1, 3, 130
+EXIT_OK, EXIT_ITEMS_FAILED, EXIT_INPUT, EXIT_TROUBLE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 
 class RunTrouble(RuntimeError):
@@ -52,15 +57,77 @@ class RunOptions:
     timeout: float | None = None
     poll_seconds: float = 0.5
     worker_app: str = DEFAULT_APP
+    template: Path | None = None
+    dry_run: bool = False
+
+
+def plan_file(options: RunOptions) -> tuple[sessionmaker[Session], Any]:
+    """The migrated ledger's sessions and the file's plan under the team ``cli``'s brand rules."""
+    from api.catalogue import plan_request
+    from api.errors import APIError
+
+    settings = get_settings()
+    upgrade(settings.database_url)
+    sessions = session_factory(make_engine(settings.database_url))
+    request = read_request(options.file, name=options.name or options.file.stem, params=options.params,
+                           template=options.template)
+    with sessions() as session:
+        try:
+            return sessions, plan_request(session, CLI_TEAM, request)
+        except APIError as error:
+            raise InputError(f"{options.file}: {api_error_text(error)}") from None
+
+
+def checked_spec(plan: Any) -> ledger.BatchSpec:
+    from api.catalogue import checked_spec as check
+    from api.errors import APIError
+
+    try:
+        return check(plan)
+    except APIError as error:
+        raise InputError(api_error_text(error)) from None
+
+
+def preview(options: RunOptions, console: Console) -> int:
+    """Print what the file would submit; nothing is queued. Exit 0 when it would be accepted, else 2."""
+    from api.catalogue import preview as preview_plan
+
+    _, plan = plan_file(options)
+    result = preview_plan(plan)
+    print_preview(console, result)
+    return EXIT_OK if result.ok else EXIT_INPUT
+
+
+def print_preview(console: Console, result: Any) -> None:
+    rows = f" from {result.rows} rows x {result.variants_per_row} variants" if result.rows is not None else ""
+    console.print(f"{result.items} items{rows}, {result.images} images, about "
+                  f"{result.estimated_device_seconds:.1f} s of device time at {result.device_images_per_second:g} "
+                  f"images/s; brand rules version {result.brand_rules_version or '-'}", highlight=False)
+    for item in result.prompts:
+        seed = item.seed if item.seed is not None else "random"
+        console.print(escape(f"  {item.external_id or '-'}  seed {seed}  {item.prompt}"), highlight=False,
+                      soft_wrap=True)
+    for note in result.notes:
+        console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
+    for problem in result.problems:
+        where = f"line {problem.line}" if problem.line is not None else f"row {problem.row}"
+        column = f", column {problem.column!r}" if problem.column else ""
+        rule = f" (rule {problem.rule})" if problem.rule else ""
+        console.print(f"[red]problem:[/] {escape(f'{where}{column}{rule}: {problem.message}')}", highlight=False,
+                      soft_wrap=True)
+    console.print(f"RESULT preview_items={result.items} preview_problems={len(result.problems)} "
+                  f"preview_device_seconds={result.estimated_device_seconds}", highlight=False, soft_wrap=True)
 
 
 def run(options: RunOptions, console: Console, actor: str) -> int:
+    if options.dry_run:
+        return preview(options, console)
     settings = get_settings()
-    upgrade(settings.database_url)
-    spec = read_batch(options.file, name=options.name or options.file.stem, params=options.params)
-    sessions = session_factory(make_engine(settings.database_url))
+    sessions, plan = plan_file(options)
+    spec = checked_spec(plan)
     celery = make_celery(settings)
-    batch_id, note = submit(sessions, spec, settings, actor=actor, fresh=options.fresh)
+    batch_id, note = submit(sessions, spec, settings, actor=actor, fresh=options.fresh,
+                            brand_rules_version=plan.branded.version)
     console.print(f"batch [bold]{batch_id}[/] ({note}): {len(spec.items)} items, "
                   f"{sum(i.num_images for i in spec.items)} images")
     dispatch_pending(sessions, celery)
@@ -85,12 +152,13 @@ def run(options: RunOptions, console: Console, actor: str) -> int:
 
 
 def submit(sessions: sessionmaker[Session], spec: ledger.BatchSpec, settings: Settings, *, actor: str,
-           fresh: bool) -> tuple[str, str]:
+           fresh: bool, brand_rules_version: int | None = None) -> tuple[str, str]:
     """Submit, or resume the batch this same file and options made before; retry its failures."""
     key = None if fresh else f"instabatch-run:{spec.fingerprint()}"
     with sessions() as session:
         batch, created = ledger.submit_batch(session, spec, team=CLI_TEAM, actor=actor, idempotency_key=key,
-                                             chunk_images=settings.chunk_images)
+                                             chunk_images=settings.chunk_images,
+                                             brand_rules_version=brand_rules_version)
         note = "new"
         if not created:
             retried = ledger.retry_batch(session, batch, actor=actor, chunk_images=settings.chunk_images)

@@ -68,6 +68,7 @@ def submit_batch(
     submitted_by: str | None = None,
     idempotency_key: str | None = None,
     chunk_images: int = 16,
+    brand_rules_version: int | None = None,
 ) -> tuple[Batch, bool]:
     """Record a batch with its items and outbox chunks. Returns ``(batch, created)``.
 
@@ -87,6 +88,7 @@ def submit_batch(
         priority=spec.priority, webhook_url=spec.webhook_url, idempotency_key=idempotency_key,
         request_sha256=fingerprint, total_items=len(spec.items),
         total_images=sum(i.num_images for i in spec.items), created_at=utcnow(),
+        brand_rules_version=brand_rules_version,
     )
     session.add(batch)
     session.flush()
@@ -100,6 +102,7 @@ def submit_batch(
             "name": spec.name, "team": team, "params": spec.params, "priority": spec.priority,
             "items": len(rows), "images": batch.total_images, "items_sha256": spec.items_sha256(),
             "idempotency_key": idempotency_key, "request_sha256": fingerprint,
+            "brand_rules_version": brand_rules_version,
         },
     )
     return batch, True

@@ -6,7 +6,9 @@ never loads torch.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -27,6 +29,15 @@ def image_seed(item_seed: int, index: int) -> int:
     return (item_seed + index) % (MAX_SEED + 1)
 
 
+def catalogue_seed(sku: str, variant: Sequence[str] = ()) -> int:
+    """An item's seed from its catalogue SKU and variant values alone (docs/architecture.md, "Catalogues").
+
+    A hash, not a counter: a rerun of the catalogue draws the same seeds, and adding, removing or
+    reordering rows moves no other item's seed."""
+    key = json.dumps([sku, *variant], ensure_ascii=False, separators=(",", ":"))
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") % (MAX_SEED + 1)
+
+
 class RefineParams(BaseModel):
     """``params.refine``: whether and how to polish the one-step images."""
 
@@ -37,6 +48,24 @@ class RefineParams(BaseModel):
                             description="share of the flow re-run by the refiner: t0 = 1 - strength")
     steps: int = Field(4, ge=1, le=MAX_STEPS, description="refiner steps actually run")
     upscale: Literal[1, 2] = Field(1, description="resize factor before refining")
+
+
+Corner = Literal["top-left", "top-right", "bottom-left", "bottom-right"]
+SHA256_HEX = r"^[0-9a-f]{64}$"
+
+
+class LogoParams(BaseModel):
+    """``params.logo``: the team's logo composited onto every image (set from its brand rules, never by
+    a submitter; worker/logo.py draws it)."""
+
+    model_config = STRICT
+
+    sha256: str = Field(pattern=SHA256_HEX, description="the uploaded logo PNG's sha256")
+    corner: Corner = "bottom-right"
+    scale: float = Field(0.2, ge=0.02, le=0.5, allow_inf_nan=False, description="logo width / image width")
+    opacity: float = Field(0.85, ge=0.05, le=1.0, allow_inf_nan=False, description="multiplies the logo's alpha")
+    margin: float = Field(0.03, ge=0.0, le=0.2, allow_inf_nan=False, description="gap to the edges / image width")
+    keep_unmarked: bool = Field(False, description="also store the image without the logo")
 
 
 class GenerationParams(BaseModel):
@@ -52,6 +81,7 @@ class GenerationParams(BaseModel):
     negative_prompt: str | None = Field(None, description="only with guidance_scale > 1")
     refine: RefineParams = Field(default_factory=RefineParams)
     model: Literal["default"] = "default"
+    logo: LogoParams | None = Field(None, description="set from the team's brand rules; not for submitters")
 
     @classmethod
     def from_batch(cls, params: dict[str, Any] | None) -> "GenerationParams":
@@ -68,6 +98,8 @@ class GenerationParams(BaseModel):
         fields = {"width": self.width, "height": self.height, "num_inference_steps": self.num_inference_steps,
                   "guidance_scale": float(self.guidance_scale), "negative_prompt": self.negative_prompt or None,
                   "refine": self.refine_options}
+        if self.logo is not None:  # only when set: the provenance of unbranded images stays as it was
+            fields["logo"] = self.logo.model_dump()
         return json.dumps(fields, sort_keys=True, separators=(",", ":"))
 
     @field_validator("width", "height")
@@ -91,8 +123,8 @@ class GenerationParams(BaseModel):
     def _negative_prompt_needs_guidance(self) -> "GenerationParams":
         if self.negative_prompt and self.guidance_scale <= 1.0:
             raise ValueError(
-                "negative_prompt needs guidance_scale > 1: with guidance off the model runs one "
-                "conditional pass and has nowhere to use a negative prompt"
+                "negative_prompt needs guidance_scale > 1: one-step InstaFlow has no negative prompt "
+                "(with guidance off the model runs one conditional pass and has nowhere to use one)"
             )
         return self
 

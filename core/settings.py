@@ -86,6 +86,11 @@ class Settings(BaseSettings):
     # link-local addresses, so a batch cannot make the worker call services inside the network.
     webhook_allow_private: bool = Field(False, alias="WEBHOOK_ALLOW_PRIVATE")
 
+    # Previews estimate device time from this rate: one-step images per second at the model's default
+    # size on one device, as measured by `python -m bench.gpu` (RESULT images_per_s); the default is the
+    # tiny model's on a CPU (docs/tiny-model.md). Guidance and refine steps scale it (api/catalogue.py).
+    device_images_per_second: float = Field(60.0, alias="DEVICE_IMAGES_PER_SECOND", gt=0)
+
     # Audit anchoring of the hash chain in write-once object storage.
     anchor_every_seconds: int = Field(300, alias="AUDIT_ANCHOR_SECONDS")
 

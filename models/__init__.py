@@ -6,6 +6,7 @@ from models.tables import (
     AuditChainHead,
     AuditEvent,
     Batch,
+    BrandRules,
     Image,
     Item,
     Outbox,
@@ -14,6 +15,6 @@ from models.tables import (
 )
 
 __all__ = [
-    "ApiKey", "AuditChainHead", "AuditEvent", "Base", "Batch", "BatchStatus", "Image", "Item",
+    "ApiKey", "AuditChainHead", "AuditEvent", "Base", "Batch", "BrandRules", "BatchStatus", "Image", "Item",
     "ItemState", "Outbox", "QcResult", "Review", "ReviewDecision", "Role", "Verdict", "utcnow",
 ]

@@ -62,6 +62,8 @@ class Batch(Base):
     cancel_requested_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = created_at()
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The version of the team's brand rules the batch was made under (None: the team had none).
+    brand_rules_version: Mapped[int | None] = mapped_column(Integer)
 
     items: Mapped[list["Item"]] = relationship(back_populates="batch", lazy="raise_on_sql")
 
@@ -212,3 +214,16 @@ class Outbox(Base):
     dispatched_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     claimed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     sends: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+
+
+class BrandRules(Base):
+    """One version of a team's brand rules (core/brand.py): rows are only added, never changed."""
+    __tablename__ = "brand_rules"
+    __table_args__ = (UniqueConstraint("team", "version", name="uq_brand_rules_team_version"),)
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    team: Mapped[str] = mapped_column(String(100))
+    version: Mapped[int] = mapped_column(Integer)
+    rules: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    created_by: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = created_at()

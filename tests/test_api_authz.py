@@ -14,7 +14,7 @@ import pytest
 from api.main import create_app
 from api.signing import signed_object_path
 from tests.apikit import ApiHarness, sample_batch
-from core import keys
+from core import brand, keys
 from core.db import session_scope
 from core.storage import get_store
 from tests.reviewkit import seed_batch
@@ -50,6 +50,11 @@ MATRIX: list[Row] = [
     Row("GET", "/readyz", ANYONE),
     Row("GET", "/metrics", ANYONE),
     Row("POST", "/v1/batches", expect(403, submitter=202, other_team=202, admin=202), body=sample_batch(1)),
+    Row("POST", "/v1/batches:preview", expect(403, submitter=200, other_team=200, admin=200), body=sample_batch(1)),
+    # Brand rules: admins write; the team's submitters and the other roles read; the logo is a PNG body.
+    Row("GET", "/v1/teams/{team}/brand-rules", READ),
+    Row("PUT", "/v1/teams/{team}/brand-rules", expect(403, admin=200), body={"forbidden": []}),
+    Row("PUT", "/v1/teams/{team}/logo", expect(403, admin=415), body={}),
     Row("GET", "/v1/batches", expect(200)),
     Row("GET", "/v1/batches/{batch_id}", READ),
     Row("GET", "/v1/batches/{batch_id}/items", READ),
@@ -110,13 +115,14 @@ def resources(harness: ApiHarness) -> dict[str, str]:
     get_store().put(object_key, b"\x89PNG fake bytes", {"item_id": item_id})
     with session_scope() as session:
         key, _ = keys.create_key(session, "throwaway", "submitter", harness.team, actor="test")
+        brand.set_rules(session, harness.team, brand.BrandRules(), actor="test")
     image_id = seed_batch(harness.team, [("review", ["blurry"])]).image_ids[0]
     return {"batch_id": batch["id"], "item_id": item_id, "key_id": key.id, "object_key": object_key,
-            "image_id": image_id, "name": "review.js"}
+            "image_id": image_id, "name": "review.js", "team": harness.team}
 
 
 def fill(template: str, ids: dict[str, str]) -> str:
     if template == "/v1/objects/{key}":
         return signed_object_path(ids["object_key"])
-    names = ("batch_id", "item_id", "key_id", "image_id", "name")
+    names = ("batch_id", "item_id", "key_id", "image_id", "name", "team")
     return template.format(**{name: ids[name] for name in names if "{" + name + "}" in template})

@@ -24,6 +24,7 @@ from core.params import GenerationParams
 from core.provenance import encode_png
 from models import Batch, Image, QcResult, utcnow
 from models.base import new_id
+from worker import logo
 from worker.context import WorkerContext
 from worker.leases import ClaimedItem
 from worker.records import object_metadata, provenance, storage_key
@@ -100,14 +101,16 @@ class ImageSteps:
         model = self.ctx.model
         result = model.generate([item.prompt for item, _, _ in jobs], [seed for _, _, seed in jobs], batch.generation_params)
         began = time.perf_counter()
+        pictures = logo.stamp(self.ctx, batch.generation_params, jobs, result.images)  # before QC and encoding
         identity = {"model": model.model_id, "weights_sha256": model.weights_sha256}
-        extra = model.refiner_identity() if batch.generation_params.refine_options else None
+        extra = {**(model.refiner_identity() if batch.generation_params.refine_options else {}),
+                 **logo.provenance(batch.generation_params)} or None
         records = [
             provenance(item_id=item.id, batch_id=item.batch_id, external_id=item.external_id, prompt=item.prompt,
                        seed=seed, index=index, params=batch.generation_params.canonical(), extra=extra, **identity)
             for item, index, seed in jobs
         ]
-        pngs = [encode_png(picture, record) for picture, record in zip(result.images, records)]
+        pngs = [encode_png(picture, record) for picture, record in zip(pictures, records)]
         stages = {**result.seconds, "encode": time.perf_counter() - began}
         for name, seconds in stages.items():
             self.seconds[name] += seconds
@@ -115,7 +118,7 @@ class ImageSteps:
             RenderedImage(item, index, seed, picture, flag, png, record,
                           {name: seconds / len(jobs) for name, seconds in stages.items()})
             for (item, index, seed), picture, flag, png, record
-            in zip(jobs, result.images, result.nsfw_flags, pngs, records)
+            in zip(jobs, pictures, result.nsfw_flags, pngs, records)
         ]
 
     def store(self, rendered: list[RenderedImage]) -> list[UploadedImage]:

@@ -1,4 +1,4 @@
-"""Batches: submit (JSON or CSV), list, read, items, cancel, retry."""
+"""Batches: submit (JSON, CSV or a catalogue), preview, list, read, items, cancel, retry."""
 from __future__ import annotations
 
 import re
@@ -17,14 +17,13 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from api import queries
+from api import catalogue, queries
 from api.deps import ReaderDep, SessionDep, SubmitterDep, visible_batch
 from api.errors import APIError
 from api.intake import CSV_COLUMNS, CSV_QUERY_FIELDS, parse_batch_request
 from api.metrics import BATCHES_SUBMITTED, ITEMS_SUBMITTED
 from api.publish import publish_outbox
 from api.schemas import (
-    BatchCreate,
     BatchOut,
     BatchPage,
     CancelResult,
@@ -35,6 +34,7 @@ from core import ledger
 from core.keys import MAX_TEAM_CHARS, Principal
 from core.settings import get_settings
 from core.storage import get_store
+from api.schemas.catalogue import BatchPreview
 from models import Batch, ItemState, Verdict
 from qc.contact_sheet import batch_contact_sheet, png_bytes
 
@@ -55,7 +55,8 @@ BATCH_REQUEST_BODY = {
             f"query parameters: {', '.join(CSV_QUERY_FIELDS)} (name required)."
         ),
         "content": {
-            "application/json": {"schema": {"$ref": "#/components/schemas/BatchCreate"}},
+            "application/json": {"schema": {"oneOf": [{"$ref": "#/components/schemas/BatchCreate"},
+                                                      {"$ref": "#/components/schemas/CatalogueBatchCreate"}]}},
             "text/csv": {"schema": {"type": "string"},
                          "example": "prompt,external_id,seed\na red ceramic mug on a white table,sku-1,42\n"},
         },
@@ -63,12 +64,17 @@ BATCH_REQUEST_BODY = {
 }
 
 
-async def batch_request(request: Request) -> BatchCreate:
-    """The submitted batch, parsed off the event loop (a 20 MB body takes a moment)."""
+async def batch_request(request: Request) -> catalogue.BatchRequest:
+    """The submitted batch, parsed off the event loop (a 20 MB body takes a moment): a catalogue when
+    the JSON names a ``template``, else a list of prompts (api/intake.py)."""
     body = await request.body()
-    return await run_in_threadpool(
-        parse_batch_request, request.headers.get("content-type"), body, request.query_params
-    )
+    content_type = request.headers.get("content-type")
+    data = await run_in_threadpool(catalogue.catalogue_data, content_type, body)
+    if data is not None:
+        if request.query_params:
+            raise APIError(422, "query parameters are for CSV uploads; put them in the JSON body")
+        return await run_in_threadpool(catalogue.parse_catalogue, data)
+    return await run_in_threadpool(parse_batch_request, content_type, body, request.query_params)
 
 
 def idempotency_key(key: Annotated[str | None, Header(alias="Idempotency-Key")] = None) -> str | None:
@@ -89,10 +95,11 @@ def create_batch(
     background: BackgroundTasks,
     session: SessionDep,
     principal: SubmitterDep,
-    batch_in: Annotated[BatchCreate, Depends(batch_request)],
+    batch_in: Annotated[catalogue.BatchRequest, Depends(batch_request)],
     key: Annotated[str | None, Depends(idempotency_key)],
 ) -> BatchOut:
-    batch, created = submit(session, principal, batch_in, key)
+    plan = catalogue.plan_request(session, principal.team, batch_in)
+    batch, created = submit(session, principal, catalogue.checked_spec(plan), key, plan.branded.version)
     response.headers["Location"] = f"/v1/batches/{batch.id}"
     if created:
         BATCHES_SUBMITTED.labels(batch.priority).inc()
@@ -104,14 +111,14 @@ def create_batch(
     return queries.batch_view(session, batch)
 
 
-def submit(session: Session, principal: Principal, batch_in: BatchCreate, key: str | None) -> tuple[Batch, bool]:
+def submit(session: Session, principal: Principal, spec: ledger.BatchSpec, key: str | None,
+           brand_rules_version: int | None = None) -> tuple[Batch, bool]:
     """Commit the batch; a concurrent twin with the same Idempotency-Key resolves to one batch."""
-    spec = batch_in.to_spec()
     for attempt in (1, 2):
         try:
             batch, created = ledger.submit_batch(
                 session, spec, team=principal.team, actor=principal.actor, submitted_by=principal.key_id,
-                idempotency_key=key, chunk_images=get_settings().chunk_images,
+                idempotency_key=key, chunk_images=get_settings().chunk_images, brand_rules_version=brand_rules_version,
             )
             session.commit()
             return batch, created
@@ -125,6 +132,18 @@ def submit(session: Session, principal: Principal, batch_in: BatchCreate, key: s
             if key is None or attempt == 2:
                 raise
     raise AssertionError("unreachable")
+
+
+@router.post(
+    ":preview", response_model=BatchPreview, responses=ERROR_RESPONSES, openapi_extra=BATCH_REQUEST_BODY,
+    summary="What a batch would be (count, first prompts, device time, every row's problem); queues nothing",
+)
+def preview_batch(
+    session: SessionDep,
+    principal: SubmitterDep,
+    batch_in: Annotated[catalogue.BatchRequest, Depends(batch_request)],
+) -> BatchPreview:
+    return catalogue.preview(catalogue.plan_request(session, principal.team, batch_in))
 
 
 @router.get("", response_model=BatchPage, responses=ERROR_RESPONSES, summary="Batches, newest first")

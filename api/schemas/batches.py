@@ -103,6 +103,7 @@ class BatchOut(ResponseModel):
     submitted_by: str | None
     total_items: int
     total_images: int
+    brand_rules_version: int | None = Field(None, description="the team's brand rules it was made under")
     counts: dict[str, int] = Field(description="items per state")
     progress: float = Field(description="share of items in a final state, 0 to 1")
     review: ReviewCounts = Field(default_factory=ReviewCounts, description="images per QC verdict and review decision")
