@@ -65,9 +65,9 @@ class Settings(BaseSettings):
     lease_seconds: int = Field(60, alias="LEASE_SECONDS", ge=4)
     lease_heartbeat_seconds: float | None = Field(None, alias="LEASE_HEARTBEAT_SECONDS", gt=0)
     max_attempts: int = Field(3, alias="MAX_ATTEMPTS")
-    # Dispatch ("Bounded dispatch and broker loss"): at most DISPATCH_IN_FLIGHT chunks per batch
-    # are in the broker unclaimed; one unclaimed for REDISPATCH_SECONDS while its queue stalled,
-    # or overtaken by a chunk sent after it, is sent again.
+    # Dispatch ("Fair scheduling and broker loss"): at most DISPATCH_IN_FLIGHT chunks per queue
+    # are in the broker unclaimed, chosen by priority then teams in turn; one unclaimed for
+    # REDISPATCH_SECONDS while its queue stalled, or overtaken by a chunk sent after it, is sent again.
     dispatch_in_flight: int = Field(32, alias="DISPATCH_IN_FLIGHT", ge=1)
     redispatch_seconds: float = Field(30.0, alias="REDISPATCH_SECONDS", gt=0)
     # How long a worker retries a database or object store that does not answer before it gives
