@@ -21,12 +21,21 @@ from celery import Celery, signals
 from kombu import Queue
 
 from core.audit.anchors import anchor_chain
-from core.broker import ANCHOR_TASK, GENERATE_TASK, MAINTENANCE_QUEUE, QUEUE_FOR_PRIORITY, SWEEP_TASK, make_celery
+from core.broker import (
+    ANCHOR_TASK,
+    GENERATE_TASK,
+    MAINTENANCE_QUEUE,
+    QUEUE_FOR_PRIORITY,
+    SWEEP_TASK,
+    WEBHOOK_TASK,
+    make_celery,
+)
 from core.settings import Settings, get_settings
 from worker.chunk import ChunkRunner
 from worker.context import WorkerContext
 from worker.regenerate import register_regenerate_task
 from worker.sweeper import sweep
+from worker.webhooks import deliver_due
 
 log = logging.getLogger(__name__)
 # Consumed in this order: Celery polls the queues round-robin per fetch, so "high" is not strict.
@@ -38,7 +47,7 @@ def create_app(settings: Settings | None = None) -> Celery:
     app = make_celery(settings)
     app.conf.update(
         task_queues=[Queue(name) for name in WORKER_QUEUES],
-        task_routes={SWEEP_TASK: {"queue": MAINTENANCE_QUEUE}, ANCHOR_TASK: {"queue": MAINTENANCE_QUEUE}},
+        task_routes={name: {"queue": MAINTENANCE_QUEUE} for name in (SWEEP_TASK, ANCHOR_TASK, WEBHOOK_TASK)},
         # A lazy model load in a prefork child happens in its first task; give children time to boot.
         worker_proc_alive_timeout=120,
         beat_schedule={
@@ -46,6 +55,9 @@ def create_app(settings: Settings | None = None) -> Celery:
                                      "options": {"queue": MAINTENANCE_QUEUE, "expires": settings.sweep_every_seconds}},
             "anchor-audit-chain": {"task": ANCHOR_TASK, "schedule": settings.anchor_every_seconds,
                                    "options": {"queue": MAINTENANCE_QUEUE, "expires": settings.anchor_every_seconds}},
+            "deliver-webhooks": {"task": WEBHOOK_TASK, "schedule": settings.webhook_deliver_every_seconds,
+                                 "options": {"queue": MAINTENANCE_QUEUE,
+                                             "expires": settings.webhook_deliver_every_seconds}},
         },
         beat_schedule_filename=str(settings.var_dir.resolve() / "celerybeat-schedule"),
     )
@@ -65,6 +77,12 @@ def create_app(settings: Settings | None = None) -> Celery:
     def sweep_expired() -> dict[str, int]:
         report = sweep(ctx.sessions, app, settings)
         return {"requeued": len(report.requeued), "dead": len(report.dead), "dispatched": report.dispatched}
+
+    @app.task(name=WEBHOOK_TASK, ignore_result=True, shared=False)
+    def deliver_webhooks() -> dict[str, int]:
+        """Send due webhook deliveries (docs/webhooks.md): here, never inside a GPU task."""
+        report = deliver_due(ctx.sessions, settings)
+        return {"delivered": len(report.delivered), "retrying": len(report.retrying), "failed": len(report.failed)}
 
     @app.task(name=ANCHOR_TASK, ignore_result=True, shared=False)
     def anchor_audit_chain() -> dict[str, Any] | None:

@@ -27,7 +27,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from core import audit
+from core import audit, webhooks
 from core.dispatch import dispatch_pending, mark_claimed
 from core.ledger import pack_by_images
 from core.params import image_seed
@@ -110,6 +110,7 @@ class ChunkRunner:
                 audit.record(session, "item.dead", actor=self.actor, batch_id=batch_id, item_id=item_id,
                              payload={"error": leases.dead_error(self.settings.max_attempts),
                                       "max_attempts": self.settings.max_attempts})
+            webhooks.enqueue_items_dead(session, [item_id for item_id, _ in settled.dead])
             return settled
 
         settled = self.ctx.in_ledger(work, what="taking the chunk")
