@@ -24,7 +24,8 @@ from standardwebhooks import Webhook
 
 from core import audit
 from core.settings import Settings
-from models import Batch, Item, TeamSettings, WebhookDelivery, utcnow
+from core.teams import team_settings
+from models import Batch, Item, WebhookDelivery, utcnow
 from models.base import as_utc, new_id
 
 BATCH_COMPLETED = "batch.completed"
@@ -42,15 +43,6 @@ class UnknownDelivery(LookupError):
 
 def new_secret() -> str:
     return SECRET_PREFIX + base64.b64encode(secrets.token_bytes(32)).decode()
-
-
-def team_settings(session: Session, team: str, *, create: bool = False) -> TeamSettings | None:
-    row = session.get(TeamSettings, team)
-    if row is None and create:
-        row = TeamSettings(team=team, updated_at=utcnow())
-        session.add(row)
-        session.flush()
-    return row
 
 
 # -- events ---------------------------------------------------------------------------------------

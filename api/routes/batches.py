@@ -19,7 +19,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api import queries
 from api.deps import ReaderDep, SessionDep, SubmitterDep, visible_batch
-from api.errors import APIError
+from api.errors import APIError, too_many_requests
 from api.intake import CSV_COLUMNS, CSV_QUERY_FIELDS, parse_batch_request
 from api.metrics import BATCHES_SUBMITTED, ITEMS_SUBMITTED
 from api.publish import publish_outbox
@@ -31,7 +31,7 @@ from api.schemas import (
     ItemPage,
     RetryResult,
 )
-from core import ledger
+from core import ledger, quotas
 from core.keys import MAX_TEAM_CHARS, Principal
 from core.settings import get_settings
 from core.storage import get_store
@@ -45,6 +45,7 @@ ERROR_RESPONSES = {code: {"description": text} for code, text in {
     400: "malformed JSON or CSV", 401: "no valid API key", 403: "role may not do this",
     404: "no such batch (or another team's)", 409: "Idempotency-Key reused with another body, or nothing to cancel",
     413: "body larger than MAX_BODY_BYTES", 415: "neither JSON nor CSV", 422: "invalid fields",
+    429: "over the team's queued images or submissions per minute (Retry-After)",
 }.items()}
 BATCH_REQUEST_BODY = {
     "requestBody": {
@@ -107,6 +108,11 @@ def create_batch(
 def submit(session: Session, principal: Principal, batch_in: BatchCreate, key: str | None) -> tuple[Batch, bool]:
     """Commit the batch; a concurrent twin with the same Idempotency-Key resolves to one batch."""
     spec = batch_in.to_spec()
+    if not (key and ledger.find_by_idempotency_key(session, principal.team, key)):  # a replay is free
+        try:
+            quotas.admit_submission(session, principal.team, sum(i.num_images for i in spec.items), get_settings())
+        except quotas.QuotaExceeded as exc:
+            raise too_many_requests(exc.code, exc.message, exc.retry_after, exc.details) from None
     for attempt in (1, 2):
         try:
             batch, created = ledger.submit_batch(
