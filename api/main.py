@@ -15,9 +15,11 @@ from fastapi.openapi.utils import get_openapi
 
 from api.deps import db_permits
 from api.errors import install_error_handlers
-from api.middleware import BodySizeLimit, RequestMetrics
+from api.middleware import BodySizeLimit, RequestContext, RequestMetrics
 from api.routes import audit, batches, health, items, keys, objects, review, teams
 from api.schemas import BatchCreate
+from core.logs import configure_logging
+from core.settings import get_settings
 
 API_PREFIX = "/v1"
 DESCRIPTION = """Bulk product images with one-step InstaFlow generation.
@@ -29,6 +31,8 @@ Authenticate with `Authorization: Bearer <api key>`. Every error is
 @asynccontextmanager
 async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
     db_permits()  # threads = permits = DB_POOL_SIZE on this event loop, before the first request
+    settings = get_settings()
+    configure_logging(settings.log_level, settings.log_format)
     yield
 
 
@@ -46,6 +50,7 @@ def create_app() -> FastAPI:
     # Added last = outermost: the size limit answers 413 before anything reads the body.
     app.add_middleware(RequestMetrics)
     app.add_middleware(BodySizeLimit)
+    app.add_middleware(RequestContext)  # outermost: even a 413 is logged with its request id
     app.openapi = lambda: openapi_schema(app)  # type: ignore[method-assign]
     return app
 

@@ -27,11 +27,12 @@ from api.schemas.review import Finding, QueueEntry
 from api.schemas.teams import DeliveryOut, DeliveryPage, LimitsOut, WebhookSettingsOut
 from api.signing import object_url
 from core import ledger, quotas
+from core.dispatch import in_flight
 from core.keys import Principal
 from core.review import review_counts
 from core.settings import get_settings
 from core.teams import team_settings
-from models import Batch, BatchStatus, Image, Item, QcResult, Review, Verdict, WebhookDelivery
+from models import Batch, BatchStatus, Image, Item, Outbox, QcResult, Review, Verdict, WebhookDelivery
 
 TERMINAL_STATUSES = {BatchStatus.SUCCEEDED, BatchStatus.COMPLETED_WITH_ERRORS, BatchStatus.CANCELLED}
 VERDICT_SEVERITY = {Verdict.PASS: 0, Verdict.REVIEW: 1, Verdict.REJECT: 2}
@@ -305,3 +306,18 @@ def webhook_settings(session: Session, team: str) -> WebhookSettingsOut:
     return WebhookSettingsOut(team=team, url=row.webhook_url if row else None,
                               has_secret=bool(row and row.webhook_secret),
                               secret_rotated_at=row.webhook_secret_rotated_at if row else None)
+
+
+# Metrics: cheap reads of the ledger (api/metrics.py throttles them)
+
+def item_state_counts(session: Session) -> dict[str, int]:
+    return {state: n for state, n in session.execute(select(Item.state, func.count()).group_by(Item.state))}
+
+
+def outbox_counts(session: Session) -> dict[tuple[str, str], int]:
+    """(queue, "pending" | "in_flight") -> chunks; both filters are served by the outbox's indexes."""
+    pending = select(Outbox.queue, func.count()).where(Outbox.dispatched_at.is_(None)).group_by(Outbox.queue)
+    flying = select(Outbox.queue, func.count()).where(in_flight()).group_by(Outbox.queue)
+    counts = {(queue, "pending"): n for queue, n in session.execute(pending)}
+    counts.update({(queue, "in_flight"): n for queue, n in session.execute(flying)})
+    return counts

@@ -115,7 +115,9 @@ def serve(
 
         get_settings.cache_clear()
     _migrate_embedded()
-    uvicorn.run("api.main:app", host=host, port=port, workers=workers, proxy_headers=True)
+    # log_config=None: uvicorn's own records go to the root logger, which the app's lifespan
+    # points at structlog's JSON formatter (core/logs.py).
+    uvicorn.run("api.main:app", host=host, port=port, workers=workers, proxy_headers=True, log_config=None)
 
 
 @app.command("worker")

@@ -104,6 +104,13 @@ class Settings(BaseSettings):
     quota_retry_after_seconds: int = Field(30, alias="QUOTA_RETRY_AFTER_SECONDS", ge=1)
     rate_limit_storage_url: str = Field("", alias="RATE_LIMIT_STORAGE_URL")
 
+    # The API's /metrics reads the ledger's gauges (items by state, outbox chunks) at most this often.
+    metrics_ledger_seconds: float = Field(15.0, alias="METRICS_LEDGER_SECONDS", ge=0)
+
+    # Logs of the API and the worker: one JSON object a line ("json"), or "console" for people.
+    log_format: str = Field("json", alias="LOG_FORMAT", pattern="^(json|console)$")
+    log_level: str = Field("INFO", alias="LOG_LEVEL")
+
     # Audit anchoring of the hash chain in write-once object storage.
     anchor_every_seconds: int = Field(300, alias="AUDIT_ANCHOR_SECONDS")
 

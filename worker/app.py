@@ -30,6 +30,7 @@ from core.broker import (
     WEBHOOK_TASK,
     make_celery,
 )
+from core.logs import bind_ids, clear_ids
 from core.settings import Settings, get_settings
 from worker.chunk import ChunkRunner
 from worker.context import WorkerContext
@@ -67,6 +68,7 @@ def create_app(settings: Settings | None = None) -> Celery:
     @app.task(name=GENERATE_TASK, bind=True, ignore_result=True, shared=False)
     def generate_chunk(task: Any, item_ids: list[str], outbox_id: int | None = None) -> dict[str, Any]:
         """Claim, generate, store, check and record a chunk of items; idempotent under redelivery."""
+        bind_ids(outbox_id=outbox_id, item_ids=item_ids)
         report = ChunkRunner(ctx, task.request.id or "local").run(item_ids, outbox_id)
         log.info("chunk done: %s", report.as_dict())
         return report.as_dict()
@@ -91,6 +93,16 @@ def create_app(settings: Settings | None = None) -> Celery:
             result = anchor_chain(session, ctx.store)
             session.commit()
         return result and {"seq": result.anchor.seq, "created": result.created}
+
+    @signals.task_prerun.connect(weak=False)
+    def bind_task_ids(task_id: str | None = None, task: Any = None, **_: Any) -> None:
+        """Every log line of a task carries its id and name (core/logs.py); the chunk adds its batch."""
+        clear_ids()
+        bind_ids(task_id=task_id, task=getattr(task, "name", None))
+
+    @signals.task_postrun.connect(weak=False)
+    def unbind_task_ids(**_: Any) -> None:
+        clear_ids()
 
     @signals.worker_process_init.connect(weak=False)
     def load_model_in_child(**_: Any) -> None:

@@ -29,6 +29,7 @@ from sqlalchemy.orm import Session
 
 from core import audit, webhooks
 from core.dispatch import dispatch_pending, mark_claimed
+from core.logs import bind_ids
 from core.ledger import pack_by_images
 from core.params import image_seed
 from core.retry import is_transient
@@ -142,6 +143,7 @@ class ChunkRunner:
         if items:
             self.ctx.model.load()  # a model that cannot load is the worker's fault: raise, give back
         for batch_id in dict.fromkeys(item.batch_id for item in items):
+            bind_ids(batch_id=batch_id)  # the logs of this batch's part of the chunk (core/logs.py)
             self.touched_batches.add(batch_id)
             batch = self.steps.batch(batch_id)
             allowed = self._screen(batch, [item for item in items if item.batch_id == batch_id])

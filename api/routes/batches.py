@@ -1,6 +1,7 @@
 """Batches: submit (JSON or CSV), list, read, items, cancel, retry."""
 from __future__ import annotations
 
+import logging
 import re
 from typing import Annotated
 
@@ -33,11 +34,13 @@ from api.schemas import (
 )
 from core import ledger, quotas
 from core.keys import MAX_TEAM_CHARS, Principal
+from core.logs import bind_ids
 from core.settings import get_settings
 from core.storage import get_store
 from models import Batch, ItemState, Verdict
 from qc.contact_sheet import batch_contact_sheet, png_bytes
 
+log = logging.getLogger(__name__)
 router = APIRouter(prefix="/batches", tags=["batches"])
 
 IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,200}$")  # printable ASCII, no spaces: fits batches.idempotency_key
@@ -94,6 +97,8 @@ def create_batch(
     key: Annotated[str | None, Depends(idempotency_key)],
 ) -> BatchOut:
     batch, created = submit(session, principal, batch_in, key)
+    bind_ids(batch_id=batch.id)
+    log.info("batch accepted" if created else "batch replayed", extra={"items": batch.total_items})
     response.headers["Location"] = f"/v1/batches/{batch.id}"
     if created:
         BATCHES_SUBMITTED.labels(batch.priority).inc()
