@@ -1,4 +1,4 @@
-"""Bounded dispatch and broker loss, on PostgreSQL + Redis + S3 with a real worker.
+"""Fair scheduling and broker loss (the relay's order, its bound per queue), on PostgreSQL + Redis + S3 with a real worker.
 
 The broker losing every message (a Redis restart without persistence is FLUSHDB as far as the
 queues are concerned) must not strand a batch: the relay sees its chunks in flight, unclaimed,
