@@ -3,10 +3,12 @@
 Defaults come from the settings (QUOTA_*); an admin overrides them per team in
 ``team_settings`` through the API or the CLI, each change an audit event. A limit of 0 turns it
 off. The submission rate is a moving window kept by the ``limits`` library in Redis (the broker,
-by default), so every API process shares one count; the embedded setup keeps it in memory.
+by default), so every API process shares one count; the embedded setup keeps it in memory. When
+that Redis does not answer, the rate is not checked (fail open, logged).
 """
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -14,6 +16,7 @@ from functools import lru_cache
 from typing import Any
 
 from limits import RateLimitItemPerMinute, storage, strategies
+from limits.errors import StorageError
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -22,8 +25,10 @@ from core.settings import Settings
 from core.teams import team_settings
 from models import Batch, Item, ItemState, utcnow
 
+log = logging.getLogger(__name__)
 LIMIT_FIELDS = ("max_queued_images", "submissions_per_minute")
 RATE_NAMESPACE = "instabatch-submissions"
+STORAGE_TIMEOUT_S = 1.0  # a Redis that does not answer must not hold a submission
 
 
 class QuotaExceeded(Exception):
@@ -103,9 +108,15 @@ def hit_submission_rate(session: Session, team: str, settings: Settings) -> None
         return
     item = RateLimitItemPerMinute(per_minute, namespace=RATE_NAMESPACE)
     limiter = rate_limiter(settings.rate_limit_storage_url)
-    if limiter.hit(item, team):
+    try:
+        if limiter.hit(item, team):
+            return
+        reset_at = limiter.get_window_stats(item, team).reset_time
+    except StorageError as error:
+        # Fail open: a submission is accepted while the broker is down (its chunks wait in the
+        # outbox), and the rate limit must not be what refuses it.
+        log.warning("submission rate of team %s not checked: %s", team, error)
         return
-    reset_at = limiter.get_window_stats(item, team).reset_time
     retry_after = max(1, math.ceil(reset_at - time.time()))
     raise QuotaExceeded(
         "rate_limited", f"team {team!r} may submit {per_minute} batches a minute", retry_after,
@@ -114,4 +125,6 @@ def hit_submission_rate(session: Session, team: str, settings: Settings) -> None
 
 @lru_cache(maxsize=4)
 def rate_limiter(storage_url: str) -> strategies.MovingWindowRateLimiter:
-    return strategies.MovingWindowRateLimiter(storage.storage_from_string(storage_url))
+    options = {} if storage_url.startswith("memory") else {
+        "wrap_exceptions": True, "socket_timeout": STORAGE_TIMEOUT_S, "socket_connect_timeout": STORAGE_TIMEOUT_S}
+    return strategies.MovingWindowRateLimiter(storage.storage_from_string(storage_url, **options))
