@@ -2,24 +2,27 @@
 
 The delivery row is written with the event; the maintenance task sends it with backoff; a
 receiver that fails twice gets it on the third try, with a signature the ``standardwebhooks``
-package accepts, under one ``webhook-id``.
+package accepts, under one ``webhook-id``. Flagged images and dead items are events too, and an
+internal address is refused.
 """
 from __future__ import annotations
 
 import threading
 import time
+from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 import redis
-from sqlalchemy import select
+from sqlalchemy import select, update
 from standardwebhooks import Webhook, WebhookVerificationError
 
 from core import webhooks
 from core.broker import MAINTENANCE_QUEUE, WEBHOOK_TASK
 from core.settings import get_settings
-from models import WebhookDelivery, utcnow
+from models import Item, WebhookDelivery, utcnow
 from tests.workerkit import Stack, build_stack, running_worker
+from worker.sweeper import sweep
 from worker.webhooks import deliver_due
 
 
@@ -101,6 +104,39 @@ def test_a_receiver_that_fails_twice_gets_the_signed_event_on_the_third_try(hook
     assert times[2] - times[1] >= times[1] - times[0] >= 0.5  # exponential backoff between tries
     [done] = deliveries(hooks, batch_id)
     assert (done.attempts, done.last_status_code, done.delivered_at is not None) == (3, 204, True)
+    beat = hooks.app.conf.beat_schedule["deliver-webhooks"]  # what beat sends, and where
+    assert (beat["task"], beat["options"]["queue"]) == (WEBHOOK_TASK, MAINTENANCE_QUEUE)
+
+
+def test_flagged_images_and_dead_items_are_events_for_the_teams_endpoint(
+        configure, random_checkpoint, pg_url, redis_url, s3_server, s3_bucket):
+    redis.Redis.from_url(redis_url).flushdb()
+    # Every image "blank" (QC_BLANK_STD_MAX above any image's spread): QC flags them all.
+    stack = build_stack(configure, INSTABATCH_MODEL=str(random_checkpoint), DATABASE_URL=pg_url,
+                        BROKER_URL=redis_url, S3_BUCKET=s3_bucket, S3_ENDPOINT_URL=s3_server, QC_BLANK_STD_MAX="10")
+    with stack.sessions() as session:
+        webhooks.set_team_url(session, "t", "https://hooks.example.com/team-t", actor="test")  # no batch URL
+        session.commit()
+    with running_worker(stack):
+        flagged = stack.submit(["a red mug", "a blue cup"])
+        stack.wait_until_done(flagged)
+    events = sorted(d.event for d in deliveries(stack, flagged))
+    assert events == ["batch.completed", "image.flagged", "image.flagged"]
+    assert {d.url for d in deliveries(stack, flagged)} == {"https://hooks.example.com/team-t"}
+    image_ids = {image.id for image in stack.images(flagged)}
+    assert {d.payload["data"]["image_id"] for d in deliveries(stack, flagged) if d.event == "image.flagged"} == image_ids
+
+    doomed = stack.submit(["a grey chair"], dispatch=False)
+    with stack.sessions() as session:  # its worker died on every attempt: the lease ran out the last time
+        session.execute(update(Item).where(Item.batch_id == doomed).values(
+            state="running", attempts=3, lease_owner="gone:1:x", lease_expires_at=utcnow() - timedelta(seconds=1)))
+        session.commit()
+    report = sweep(stack.sessions, stack.app, get_settings())
+    assert len(report.dead) == 1 and doomed in report.completed_batches
+    dead, failed = sorted(deliveries(stack, doomed), key=lambda d: d.event != "item.dead")
+    assert (dead.event, dead.payload["data"]["item_id"], dead.payload["data"]["attempts"]) == (
+        "item.dead", report.dead[0], 3)
+    assert failed.event == "batch.failed" and failed.payload["data"]["status"] == "completed_with_errors"
 
 
 def test_a_rotated_secret_signs_beside_the_new_one_during_the_grace_period(hooks: Stack):
