@@ -145,10 +145,11 @@ def backoff_seconds(attempts: int, settings: Settings) -> float:
     return min(settings.webhook_backoff_max_seconds, settings.webhook_backoff_seconds * 2 ** max(attempts - 1, 0))
 
 
-def claim_due(session: Session, settings: Settings, now: datetime, limit: int = 50) -> list[WebhookDelivery]:
-    """Due pending deliveries, pushed ``lease`` seconds ahead so that a second sender skips them
-    (and a sender that dies leaves them due again). The caller commits before sending."""
-    lease = timedelta(seconds=settings.webhook_timeout_seconds * 3)
+def claim_due(session: Session, settings: Settings, now: datetime, limit: int = 10) -> list[WebhookDelivery]:
+    """Due pending deliveries, pushed ahead by as long as sending them all can take, so that a
+    second sender skips them (and a sender that dies leaves them due again). The caller commits
+    before sending."""
+    lease = timedelta(seconds=settings.webhook_timeout_seconds * (limit + 1))
     due = session.scalars(
         select(WebhookDelivery).where(WebhookDelivery.status == PENDING, WebhookDelivery.next_attempt_at <= now)
         .order_by(WebhookDelivery.next_attempt_at).limit(limit).with_for_update(skip_locked=True)

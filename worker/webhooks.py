@@ -28,6 +28,14 @@ class DeliveryReport:
     retrying: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
 
+    def add(self, status: str, delivery_id: str) -> None:
+        if status == webhooks.DELIVERED:
+            self.delivered.append(delivery_id)
+        elif status == webhooks.FAILED:
+            self.failed.append(delivery_id)
+        else:
+            self.retrying.append(delivery_id)
+
 
 @dataclass(frozen=True)
 class Attempt:
@@ -50,7 +58,7 @@ def deliver_due(sessions: sessionmaker[Session], settings: Settings) -> Delivery
             status = webhooks.record_attempt(session, delivery_id, settings, utcnow(), status_code=attempt.status_code,
                                              error=attempt.error, permanent=attempt.permanent)
             session.commit()
-        {webhooks.DELIVERED: report.delivered, webhooks.FAILED: report.failed}.get(status, report.retrying).append(delivery_id)
+        report.add(status, delivery_id)
         if attempt.error:
             log.warning("webhook %s to %s: %s (%s)", delivery_id, url, attempt.error, status)
     return report
