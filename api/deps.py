@@ -36,6 +36,7 @@ from api.metrics import REGISTRY
 from core import keys
 from core.db import get_engine, session_factory
 from core.keys import Principal
+from core.logs import bind_ids
 from core.settings import get_settings
 from models import Batch, Image, Item, Role
 
@@ -219,6 +220,7 @@ def visible_batch(session: Session, principal: Principal, batch_id: str, *, for_
     batch = session.scalar(query)
     if batch is None or not principal.can_see_team(batch.team):
         raise not_found("batch")
+    bind_ids(batch_id=batch.id)
     return batch
 
 
@@ -237,4 +239,5 @@ def _visible_in_batch(session: Session, principal: Principal, model: Any, row_id
     row = session.execute(select(model, Batch).join(Batch, Batch.id == model.batch_id).where(model.id == row_id)).first()
     if row is None or not principal.can_see_team(row[1].team):
         raise not_found(name)
+    bind_ids(batch_id=row[1].id, **{f"{name}_id": row[0].id})
     return row[0], row[1]

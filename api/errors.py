@@ -69,6 +69,11 @@ def service_unavailable(message: str, *, code: str = "unavailable", retry_after:
                     headers={"Retry-After": str(retry_after)})
 
 
+def too_many_requests(code: str, message: str, retry_after: int, details: Any = None) -> APIError:
+    """A 429 over a quota or rate limit, telling the client when trying again makes sense."""
+    return APIError(429, message, code=code, details=details, headers={"Retry-After": str(retry_after)})
+
+
 def is_database_unavailable(exc: BaseException) -> bool:
     """The database did not answer (refused, dropped, restarting, pool exhausted), as opposed to a
     statement it refused (an IntegrityError, a bad query): those stay bugs, answered 500."""

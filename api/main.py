@@ -15,10 +15,12 @@ from fastapi.openapi.utils import get_openapi
 
 from api.deps import db_permits
 from api.errors import install_error_handlers
-from api.middleware import BodySizeLimit, RequestMetrics
-from api.routes import audit, batches, brand, health, items, keys, objects, review
+from api.middleware import BodySizeLimit, RequestContext, RequestMetrics
+from api.routes import audit, batches, brand, health, items, keys, objects, review, teams
 from api.schemas import BatchCreate
 from api.schemas.catalogue import CatalogueBatchCreate
+from core.logs import configure_logging
+from core.settings import get_settings
 
 API_PREFIX = "/v1"
 DESCRIPTION = """Bulk product images with one-step InstaFlow generation.
@@ -30,6 +32,8 @@ Authenticate with `Authorization: Bearer <api key>`. Every error is
 @asynccontextmanager
 async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
     db_permits()  # threads = permits = DB_POOL_SIZE on this event loop, before the first request
+    settings = get_settings()
+    configure_logging(settings.log_level, settings.log_format)
     yield
 
 
@@ -43,10 +47,12 @@ def create_app() -> FastAPI:
     app.include_router(keys.router, prefix=API_PREFIX)
     app.include_router(brand.router, prefix=API_PREFIX)
     app.include_router(audit.router, prefix=API_PREFIX)
+    app.include_router(teams.router, prefix=API_PREFIX)
     app.include_router(review.router)  # /v1/review, /v1/images/{id}/review, contact sheets, the /review page
     # Added last = outermost: the size limit answers 413 before anything reads the body.
     app.add_middleware(RequestMetrics)
     app.add_middleware(BodySizeLimit)
+    app.add_middleware(RequestContext)  # outermost: even a 413 is logged with its request id
     app.openapi = lambda: openapi_schema(app)  # type: ignore[method-assign]
     return app
 

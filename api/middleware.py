@@ -1,13 +1,16 @@
-"""Pure ASGI middleware: the request body limit and the request metrics."""
+"""Pure ASGI middleware: the request body limit, the request metrics and the request id of the logs."""
 from __future__ import annotations
 
+import re
 import time
+import uuid
 
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import APIError, error_response
 from api.metrics import HTTP_LATENCY, HTTP_REQUESTS
+from core.logs import bind_ids, clear_ids
 from core.settings import get_settings
 
 
@@ -116,3 +119,33 @@ def route_template(scope: Scope) -> str:
     context = (scope.get("fastapi") or {}).get("effective_route_context")
     template = getattr(context, "path_format", None) or getattr(scope.get("route"), "path_format", None)
     return template or "unmatched"
+
+
+REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+class RequestContext:
+    """Binds ``request_id`` (the client's X-Request-ID when it is a sane token, else a new one)
+    to every log line of the request, and echoes it in the response's X-Request-ID."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope.get("headers", ())).get(b"x-request-id", b"").decode("latin-1")
+        request_id = given if REQUEST_ID.match(given) else uuid.uuid4().hex
+
+        async def tagged_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        clear_ids()
+        bind_ids(request_id=request_id, method=scope["method"], path=scope["path"])
+        try:
+            await self.app(scope, receive, tagged_send)
+        finally:
+            clear_ids()

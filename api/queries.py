@@ -8,7 +8,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import and_, exists, func, or_, select
+from sqlalchemy import Select, and_, exists, func, or_, select
 from sqlalchemy.orm import Session
 
 from api.deps import UUID_PATTERN, looks_like_id
@@ -24,11 +24,15 @@ from api.schemas import (
 )
 from api.schemas.batches import progress_of
 from api.schemas.review import Finding, QueueEntry
+from api.schemas.teams import DeliveryOut, DeliveryPage, LimitsOut, WebhookSettingsOut
 from api.signing import object_url
-from core import ledger
+from core import ledger, quotas
+from core.dispatch import in_flight
 from core.keys import Principal
 from core.review import review_counts
-from models import Batch, BatchStatus, Image, Item, QcResult, Review, Verdict
+from core.settings import get_settings
+from core.teams import team_settings
+from models import Batch, BatchStatus, Image, Item, Outbox, QcResult, Review, Verdict, WebhookDelivery
 
 TERMINAL_STATUSES = {BatchStatus.SUCCEEDED, BatchStatus.COMPLETED_WITH_ERRORS, BatchStatus.CANCELLED}
 VERDICT_SEVERITY = {Verdict.PASS: 0, Verdict.REVIEW: 1, Verdict.REJECT: 2}
@@ -56,6 +60,22 @@ def bad_cursor() -> APIError:
         "field": "query.cursor", "loc": ["query", "cursor"],
         "message": "not a cursor this listing handed out", "type": "value_error",
     }])
+
+
+def newest_first_page(session: Session, query: Select, model: Any, kind: str, limit: int,
+                      cursor: str | None) -> tuple[list[Any], str | None]:
+    """One page of ``model`` rows newest first (``created_at``, ``id``); the cursor is the last row
+    seen, so pages stay stable while rows arrive."""
+    if cursor:
+        after_id = decode_cursor(cursor, kind)
+        after = session.execute(select(model.created_at, model.id).where(model.id == after_id)).first() \
+            if looks_like_id(after_id) else None
+        if after is None:
+            raise bad_cursor()
+        query = query.where(or_(model.created_at < after.created_at,
+                                and_(model.created_at == after.created_at, model.id < after.id)))
+    rows = list(session.scalars(query.order_by(model.created_at.desc(), model.id.desc()).limit(limit + 1)))
+    return rows[:limit], encode_cursor(kind, rows[limit - 1].id) if len(rows) > limit else None
 
 
 # Batches
@@ -107,19 +127,8 @@ def page_batches(session: Session, principal: Principal, *, limit: int, cursor: 
         query = query.where(Batch.team == principal.team)
     elif team is not None:
         query = query.where(Batch.team == team)
-    if cursor:
-        after_id = decode_cursor(cursor, "b")
-        after = session.execute(select(Batch.created_at, Batch.id).where(Batch.id == after_id)).first() \
-            if looks_like_id(after_id) else None
-        if after is None:
-            raise bad_cursor()
-        query = query.where(or_(
-            Batch.created_at < after.created_at,
-            and_(Batch.created_at == after.created_at, Batch.id < after.id),
-        ))
-    rows = list(session.scalars(query.order_by(Batch.created_at.desc(), Batch.id.desc()).limit(limit + 1)))
-    next_cursor = encode_cursor("b", rows[limit - 1].id) if len(rows) > limit else None
-    return BatchPage(batches=batch_views(session, rows[:limit]), next_cursor=next_cursor)
+    rows, next_cursor = newest_first_page(session, query, Batch, "b", limit, cursor)
+    return BatchPage(batches=batch_views(session, rows), next_cursor=next_cursor)
 
 
 # Items and images
@@ -267,3 +276,48 @@ def headline_metrics(results: list[QcResult]) -> dict[str, Any]:
             if value is not None:
                 summary[f"{result.scorer}.{name}"] = value
     return summary
+
+
+# Webhook deliveries
+
+def page_deliveries(session: Session, principal: Principal, *, limit: int, cursor: str | None = None,
+                    batch_id: str | None = None, status: str | None = None) -> DeliveryPage:
+    """Newest first, the principal's team only unless it sees every team; the cursor is the last seen."""
+    query = select(WebhookDelivery)
+    if not principal.sees_all_teams:
+        query = query.where(WebhookDelivery.team == principal.team)
+    if batch_id is not None:
+        query = query.where(WebhookDelivery.batch_id == batch_id)
+    if status is not None:
+        query = query.where(WebhookDelivery.status == status)
+    rows, next_cursor = newest_first_page(session, query, WebhookDelivery, "w", limit, cursor)
+    return DeliveryPage(deliveries=[DeliveryOut.model_validate(row) for row in rows], next_cursor=next_cursor)
+
+
+def team_limits(session: Session, team: str) -> LimitsOut:
+    limits = quotas.limits_for(session, team, get_settings())
+    return LimitsOut(team=team, max_queued_images=limits.max_queued_images,
+                     submissions_per_minute=limits.submissions_per_minute, overrides=limits.overrides,
+                     queued_images=quotas.queued_images(session, team))
+
+
+def webhook_settings(session: Session, team: str) -> WebhookSettingsOut:
+    row = team_settings(session, team)
+    return WebhookSettingsOut(team=team, url=row.webhook_url if row else None,
+                              has_secret=bool(row and row.webhook_secret),
+                              secret_rotated_at=row.webhook_secret_rotated_at if row else None)
+
+
+# Metrics: cheap reads of the ledger (api/metrics.py throttles them)
+
+def item_state_counts(session: Session) -> dict[str, int]:
+    return {state: n for state, n in session.execute(select(Item.state, func.count()).group_by(Item.state))}
+
+
+def outbox_counts(session: Session) -> dict[tuple[str, str], int]:
+    """(queue, "pending" | "in_flight") -> chunks; both filters are served by the outbox's indexes."""
+    pending = select(Outbox.queue, func.count()).where(Outbox.dispatched_at.is_(None)).group_by(Outbox.queue)
+    flying = select(Outbox.queue, func.count()).where(in_flight()).group_by(Outbox.queue)
+    counts = {(queue, "pending"): n for queue, n in session.execute(pending)}
+    counts.update({(queue, "in_flight"): n for queue, n in session.execute(flying)})
+    return counts

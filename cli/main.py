@@ -7,6 +7,7 @@
     instabatch serve / worker / beat   the API, a Celery worker (one per GPU), the sweeper's scheduler
     instabatch db upgrade              migrate the ledger
     instabatch keys create|revoke|list API keys
+    instabatch teams limits|rotate-webhook-secret   a team's quotas and webhook secret
     instabatch audit ... / provenance  the audit trail; where an image came from
     instabatch qc score FILES          QC verdicts for image files
     instabatch train tiny / eval tiny  the tiny model's recipe and its evaluation
@@ -29,6 +30,7 @@ from rich.console import Console
 from cli.audit import audit_app, cli_actor
 from cli.brand import brand_app
 from cli.provenance import provenance
+from cli.teams import teams_app
 
 app = typer.Typer(help="InstaBatch: bulk product images with one-step InstaFlow generation.",
                   no_args_is_help=True, pretty_exceptions_show_locals=False)
@@ -44,6 +46,7 @@ app.add_typer(train_app, name="train")
 app.add_typer(eval_app, name="eval")
 app.add_typer(audit_app, name="audit")
 app.add_typer(brand_app, name="brand")
+app.add_typer(teams_app, name="teams")
 app.command("provenance")(provenance)
 
 console = Console()
@@ -151,7 +154,9 @@ def serve(
 
         get_settings.cache_clear()
     _migrate_embedded()
-    uvicorn.run("api.main:app", host=host, port=port, workers=workers, proxy_headers=True)
+    # log_config=None: uvicorn's own records go to the root logger, which the app's lifespan
+    # points at structlog's JSON formatter (core/logs.py).
+    uvicorn.run("api.main:app", host=host, port=port, workers=workers, proxy_headers=True, log_config=None)
 
 
 @app.command("worker")

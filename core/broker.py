@@ -13,6 +13,7 @@ from core.settings import Settings, get_settings
 GENERATE_TASK = "instabatch.generate_chunk"
 SWEEP_TASK = "instabatch.sweep"
 ANCHOR_TASK = "instabatch.anchor_audit_chain"
+WEBHOOK_TASK = "instabatch.deliver_webhooks"
 # Separate queues rather than Redis priorities, which are approximate (docs/architecture.md).
 QUEUE_FOR_PRIORITY = {"high": "generate.high", "normal": "generate", "low": "generate.low"}
 MAINTENANCE_QUEUE = "maintenance"

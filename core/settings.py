@@ -65,9 +65,9 @@ class Settings(BaseSettings):
     lease_seconds: int = Field(60, alias="LEASE_SECONDS", ge=4)
     lease_heartbeat_seconds: float | None = Field(None, alias="LEASE_HEARTBEAT_SECONDS", gt=0)
     max_attempts: int = Field(3, alias="MAX_ATTEMPTS")
-    # Dispatch ("Bounded dispatch and broker loss"): at most DISPATCH_IN_FLIGHT chunks per batch
-    # are in the broker unclaimed; one unclaimed for REDISPATCH_SECONDS while its queue stalled,
-    # or overtaken by a chunk sent after it, is sent again.
+    # Dispatch ("Fair scheduling and broker loss"): at most DISPATCH_IN_FLIGHT chunks per queue
+    # are in the broker unclaimed, chosen by priority then teams in turn; one unclaimed for
+    # REDISPATCH_SECONDS while its queue stalled, or overtaken by a chunk sent after it, is sent again.
     dispatch_in_flight: int = Field(32, alias="DISPATCH_IN_FLIGHT", ge=1)
     redispatch_seconds: float = Field(30.0, alias="REDISPATCH_SECONDS", gt=0)
     # How long a worker retries a database or object store that does not answer before it gives
@@ -90,6 +90,31 @@ class Settings(BaseSettings):
     # size on one device, as measured by `python -m bench.gpu` (RESULT images_per_s); the default is the
     # tiny model's on a CPU (docs/tiny-model.md). Guidance and refine steps scale it (api/catalogue.py).
     device_images_per_second: float = Field(60.0, alias="DEVICE_IMAGES_PER_SECOND", gt=0)
+
+    # Webhooks (docs/webhooks.md): deliveries sent by a maintenance task every
+    # WEBHOOK_DELIVER_EVERY_SECONDS; a failed one waits WEBHOOK_BACKOFF_SECONDS, doubled after
+    # each failure up to WEBHOOK_BACKOFF_MAX_SECONDS, and ends `failed` after WEBHOOK_MAX_ATTEMPTS.
+    # After a rotation the previous secret also signs for WEBHOOK_SECRET_GRACE_SECONDS.
+    webhook_deliver_every_seconds: float = Field(5.0, alias="WEBHOOK_DELIVER_EVERY_SECONDS", gt=0)
+    webhook_backoff_seconds: float = Field(10.0, alias="WEBHOOK_BACKOFF_SECONDS", gt=0)
+    webhook_backoff_max_seconds: float = Field(3600.0, alias="WEBHOOK_BACKOFF_MAX_SECONDS", gt=0)
+    webhook_max_attempts: int = Field(10, alias="WEBHOOK_MAX_ATTEMPTS", ge=1)
+    webhook_secret_grace_seconds: float = Field(86_400.0, alias="WEBHOOK_SECRET_GRACE_SECONDS", ge=0)
+
+    # Quotas per team (docs/quotas.md): defaults here, overridden per team by an admin. Images
+    # queued or running at once, and submissions per minute (a moving window kept in
+    # RATE_LIMIT_STORAGE_URL: the Redis broker by default, memory in the embedded setup).
+    quota_max_queued_images: int = Field(200_000, alias="QUOTA_MAX_QUEUED_IMAGES", ge=0)
+    quota_submissions_per_minute: int = Field(60, alias="QUOTA_SUBMISSIONS_PER_MINUTE", ge=0)
+    quota_retry_after_seconds: int = Field(30, alias="QUOTA_RETRY_AFTER_SECONDS", ge=1)
+    rate_limit_storage_url: str = Field("", alias="RATE_LIMIT_STORAGE_URL")
+
+    # The API's /metrics reads the ledger's gauges (items by state, outbox chunks) at most this often.
+    metrics_ledger_seconds: float = Field(15.0, alias="METRICS_LEDGER_SECONDS", ge=0)
+
+    # Logs of the API and the worker: one JSON object a line ("json"), or "console" for people.
+    log_format: str = Field("json", alias="LOG_FORMAT", pattern="^(json|console)$")
+    log_level: str = Field("INFO", alias="LOG_LEVEL")
 
     # Audit anchoring of the hash chain in write-once object storage.
     anchor_every_seconds: int = Field(300, alias="AUDIT_ANCHOR_SECONDS")
@@ -118,6 +143,9 @@ class Settings(BaseSettings):
             self.broker_url = f"sqla+sqlite:///{var / 'broker.db'}"
         if self.objects_dir is None:
             self.objects_dir = var / "objects"
+        if not self.rate_limit_storage_url:
+            redis_broker = self.broker_url.startswith(("redis://", "rediss://"))
+            self.rate_limit_storage_url = self.broker_url if redis_broker else "memory://"
         if not (self.task_soft_time_limit < self.task_time_limit < self.visibility_timeout):
             raise ValueError(
                 "need TASK_SOFT_TIME_LIMIT < TASK_TIME_LIMIT < VISIBILITY_TIMEOUT, "

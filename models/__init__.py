@@ -12,9 +12,12 @@ from models.tables import (
     Outbox,
     QcResult,
     Review,
+    TeamSettings,
+    WebhookDelivery,
 )
 
 __all__ = [
     "ApiKey", "AuditChainHead", "AuditEvent", "Base", "Batch", "BrandRules", "BatchStatus", "Image", "Item",
-    "ItemState", "Outbox", "QcResult", "Review", "ReviewDecision", "Role", "Verdict", "utcnow",
+    "ItemState", "Outbox", "QcResult", "Review", "ReviewDecision", "Role", "TeamSettings", "Verdict",
+    "WebhookDelivery", "utcnow",
 ]

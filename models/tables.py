@@ -227,3 +227,42 @@ class BrandRules(Base):
     rules: Mapped[dict[str, Any]] = mapped_column(JSONType)
     created_by: Mapped[str] = mapped_column(String(200))
     created_at: Mapped[datetime] = created_at()
+
+
+class TeamSettings(Base):
+    """A team's overrides of the quota defaults (NULL: the setting's default) and its webhook
+    endpoint and signing secret (docs/quotas.md, docs/webhooks.md). The secret is kept in clear:
+    an HMAC needs it, unlike an API key, which is only compared."""
+    __tablename__ = "team_settings"
+
+    team: Mapped[str] = mapped_column(String(100), primary_key=True)
+    max_queued_images: Mapped[int | None] = mapped_column(Integer)
+    submissions_per_minute: Mapped[int | None] = mapped_column(Integer)
+    webhook_url: Mapped[str | None] = mapped_column(String(2000))
+    webhook_secret: Mapped[str | None] = mapped_column(String(100))
+    # The secret before the last rotation still signs (a second signature) for a grace period.
+    previous_webhook_secret: Mapped[str | None] = mapped_column(String(100))
+    webhook_secret_rotated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = created_at()
+
+
+class WebhookDelivery(Base):
+    """One event for one endpoint, written in the event's transaction and sent by the maintenance
+    task with backoff (core/webhooks.py). ``id`` is the Standard Webhooks ``webhook-id``."""
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),)
+
+    id: Mapped[str] = uuid_pk()
+    team: Mapped[str] = mapped_column(String(100), index=True)
+    batch_id: Mapped[str | None] = mapped_column(String(UUID_LEN), index=True)
+    event: Mapped[str] = mapped_column(String(50))
+    url: Mapped[str] = mapped_column(String(2000))
+    payload: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_status_code: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = created_at()
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

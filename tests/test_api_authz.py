@@ -14,7 +14,7 @@ import pytest
 from api.main import create_app
 from api.signing import signed_object_path
 from tests.apikit import ApiHarness, sample_batch
-from core import brand, keys
+from core import brand, keys, webhooks
 from core.db import session_scope
 from core.storage import get_store
 from tests.reviewkit import seed_batch
@@ -77,6 +77,15 @@ MATRIX: list[Row] = [
     # The page and its assets hold no data: the page asks for a key and sends it with each call.
     Row("GET", "/review", ANYONE),
     Row("GET", "/review/assets/{name}", ANYONE),
+    # Team settings: limits are read by whoever sees the team, changed by admins; the webhook
+    # endpoint and secret belong to the team's submitters (and admins).
+    Row("GET", "/v1/teams/{team}/limits", READ),
+    Row("PATCH", "/v1/teams/{team}/limits", expect(403, admin=200), body={"max_queued_images": 1000}),
+    Row("GET", "/v1/teams/{team}/webhook", SUBMIT_ONLY),
+    Row("PUT", "/v1/teams/{team}/webhook", SUBMIT_ONLY, body={"url": "https://hooks.example.com/instabatch"}),
+    Row("POST", "/v1/teams/{team}/webhook/rotate-secret", SUBMIT_ONLY),
+    Row("GET", "/v1/webhooks/deliveries", expect(403, submitter=200, other_team=200, admin=200)),
+    Row("POST", "/v1/webhooks/deliveries/{delivery_id}/resend", SUBMIT_ONLY),
 ]
 
 
@@ -116,13 +125,15 @@ def resources(harness: ApiHarness) -> dict[str, str]:
     with session_scope() as session:
         key, _ = keys.create_key(session, "throwaway", "submitter", harness.team, actor="test")
         brand.set_rules(session, harness.team, brand.BrandRules(), actor="test")
+        delivery = webhooks.enqueue(session, webhooks.BATCH_COMPLETED, team=harness.team, batch_id=batch["id"],
+                                    url="https://hooks.example.com/instabatch", data={})
     image_id = seed_batch(harness.team, [("review", ["blurry"])]).image_ids[0]
     return {"batch_id": batch["id"], "item_id": item_id, "key_id": key.id, "object_key": object_key,
-            "image_id": image_id, "name": "review.js", "team": harness.team}
+            "image_id": image_id, "name": "review.js", "team": harness.team, "delivery_id": delivery.id}
 
 
 def fill(template: str, ids: dict[str, str]) -> str:
     if template == "/v1/objects/{key}":
         return signed_object_path(ids["object_key"])
-    names = ("batch_id", "item_id", "key_id", "image_id", "name", "team")
+    names = ("batch_id", "item_id", "key_id", "image_id", "name", "team", "delivery_id")
     return template.format(**{name: ids[name] for name in names if "{" + name + "}" in template})

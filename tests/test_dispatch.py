@@ -1,4 +1,4 @@
-"""Bounded dispatch and broker loss, on PostgreSQL + Redis + S3 with a real worker.
+"""Fair scheduling and broker loss (the relay's order, its bound per queue), on PostgreSQL + Redis + S3 with a real worker.
 
 The broker losing every message (a Redis restart without persistence is FLUSHDB as far as the
 queues are concerned) must not strand a batch: the relay sees its chunks in flight, unclaimed,
@@ -35,7 +35,16 @@ def in_flight(stack: Stack, batch_id: str) -> int:
             Outbox.batch_id == batch_id, Outbox.dispatched_at.is_not(None), Outbox.claimed_at.is_(None))) or 0
 
 
-def test_no_more_than_the_bound_of_a_batch_is_in_the_broker_and_a_later_batch_is_not_behind_it(
+def claim_one(stack: Stack, batch_id: str) -> None:
+    """A worker took one of the batch's messages (what ``mark_claimed`` records)."""
+    with stack.sessions() as session:
+        first = session.scalar(select(func.min(Outbox.id)).where(
+            Outbox.batch_id == batch_id, Outbox.dispatched_at.is_not(None), Outbox.claimed_at.is_(None)))
+        session.execute(update(Outbox).where(Outbox.id == first).values(claimed_at=utcnow()))
+        session.commit()
+
+
+def test_no_more_than_the_bound_of_a_queue_is_in_the_broker_and_a_later_batch_is_next(
         small_bound: Stack, redis_url):
     client = redis.Redis.from_url(redis_url)
     quiet_outbox(small_bound.sessions)
@@ -43,9 +52,33 @@ def test_no_more_than_the_bound_of_a_batch_is_in_the_broker_and_a_later_batch_is
     assert in_flight(small_bound, big) == 3
     assert queued_messages(client, "generate", set(item_ids(small_bound, big))) == 3
     assert dispatch_pending(small_bound.sessions, small_bound.app) == 0  # nothing claimed: no room
-    small = small_bound.submit(["a green lamp", "a grey chair"])  # submitted later: sent at once
-    assert in_flight(small_bound, small) == 1
-    assert queued_messages(client, "generate", set(item_ids(small_bound, small))) == 1
+    same_team = small_bound.submit(["a green lamp", "a grey chair"])
+    other_team = small_bound.submit(["a blue vase", "a white shelf"], team="small")
+    assert in_flight(small_bound, same_team) == in_flight(small_bound, other_team) == 0  # the queue is full
+    claim_one(small_bound, big)
+    assert dispatch_pending(small_bound.sessions, small_bound.app) == 1
+    assert in_flight(small_bound, other_team) == 1  # the team with nothing in flight goes first
+    claim_one(small_bound, big)
+    assert dispatch_pending(small_bound.sessions, small_bound.app) == 1
+    assert in_flight(small_bound, same_team) == 1  # then, within the big team, the batch with nothing in flight
+    assert in_flight(small_bound, big) == 1
+    assert queued_messages(client, "generate", set(item_ids(small_bound, big))) == 3  # two claimed ones still listed
+    client.flushdb()
+
+
+def test_a_high_chunk_waiting_holds_back_the_lower_queues(small_bound: Stack, redis_url):
+    client = redis.Redis.from_url(redis_url)
+    quiet_outbox(small_bound.sessions)
+    urgent = small_bound.submit([f"a red mug {i}" for i in range(10)], priority="high")  # 5 chunks
+    normal = small_bound.submit(["a green lamp", "a grey chair"])
+    assert in_flight(small_bound, urgent) == 3
+    assert in_flight(small_bound, normal) == 0  # "high" still has chunks waiting
+    claim_one(small_bound, urgent)
+    claim_one(small_bound, urgent)
+    assert dispatch_pending(small_bound.sessions, small_bound.app) == 3  # the last two high ones, then normal
+    assert in_flight(small_bound, urgent) == 3
+    assert in_flight(small_bound, normal) == 1
+    assert queued_messages(client, "generate", set(item_ids(small_bound, normal))) == 1
     client.flushdb()
 
 
@@ -61,11 +94,13 @@ def test_a_broker_that_lost_every_message_gets_them_again_and_the_batch_finishes
     # Not yet: a chunk in flight for less than REDISPATCH_SECONDS may simply be waiting.
     assert dispatch_pending(small_bound.sessions, small_bound.app) == 0
     with small_bound.sessions() as session:  # REDISPATCH_SECONDS later, nothing was claimed
-        session.execute(update(Outbox).where(Outbox.batch_id == batch_id)
+        # Only the sent rows age: moving the pending ones too made them look in flight and lost,
+        # so the pass "re-sent" chunks never sent, beyond the bound.
+        session.execute(update(Outbox).where(Outbox.batch_id == batch_id, Outbox.dispatched_at.is_not(None))
                         .values(dispatched_at=utcnow() - timedelta(seconds=60)))
         session.commit()
-    assert dispatch_pending(small_bound.sessions, small_bound.app) >= 3  # the lost ones again (and a refill)
-    assert queued_messages(client, "generate", set(item_ids(small_bound, batch_id))) >= 3
+    assert dispatch_pending(small_bound.sessions, small_bound.app) == 3  # the lost ones again, no more
+    assert queued_messages(client, "generate", set(item_ids(small_bound, batch_id))) == 3
     with running_worker(small_bound):
         counts = small_bound.wait_until_done(batch_id, timeout=240)
     assert counts["succeeded"] == len(prompts)

@@ -35,12 +35,14 @@ class Stack:
         return self.app.instabatch.store
 
     def submit(self, prompts: Sequence[str] | Sequence[ledger.ItemSpec], *, params: dict[str, Any] | None = None,
-               chunk_images: int | None = None, webhook_url: str | None = None, dispatch: bool = True) -> str:
+               chunk_images: int | None = None, webhook_url: str | None = None, dispatch: bool = True,
+               team: str = "t", priority: str = "normal") -> str:
         items = [p if isinstance(p, ledger.ItemSpec) else ledger.ItemSpec(prompt=p, external_id=f"sku-{i}", seed=i)
                  for i, p in enumerate(prompts)]
-        spec = ledger.BatchSpec(name="test", items=items, params=params or {}, webhook_url=webhook_url)
+        spec = ledger.BatchSpec(name="test", items=items, params=params or {}, webhook_url=webhook_url,
+                                priority=priority)
         with self.sessions() as session:
-            batch, _ = ledger.submit_batch(session, spec, team="t", actor="test",
+            batch, _ = ledger.submit_batch(session, spec, team=team, actor="test",
                                            chunk_images=chunk_images or self.settings.chunk_images)
             session.commit()
         if dispatch:

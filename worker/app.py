@@ -21,12 +21,22 @@ from celery import Celery, signals
 from kombu import Queue
 
 from core.audit.anchors import anchor_chain
-from core.broker import ANCHOR_TASK, GENERATE_TASK, MAINTENANCE_QUEUE, QUEUE_FOR_PRIORITY, SWEEP_TASK, make_celery
+from core.broker import (
+    ANCHOR_TASK,
+    GENERATE_TASK,
+    MAINTENANCE_QUEUE,
+    QUEUE_FOR_PRIORITY,
+    SWEEP_TASK,
+    WEBHOOK_TASK,
+    make_celery,
+)
+from core.logs import bind_ids, clear_ids
 from core.settings import Settings, get_settings
 from worker.chunk import ChunkRunner
 from worker.context import WorkerContext
 from worker.regenerate import register_regenerate_task
 from worker.sweeper import sweep
+from worker.webhooks import deliver_due
 
 log = logging.getLogger(__name__)
 # Consumed in this order: Celery polls the queues round-robin per fetch, so "high" is not strict.
@@ -38,7 +48,7 @@ def create_app(settings: Settings | None = None) -> Celery:
     app = make_celery(settings)
     app.conf.update(
         task_queues=[Queue(name) for name in WORKER_QUEUES],
-        task_routes={SWEEP_TASK: {"queue": MAINTENANCE_QUEUE}, ANCHOR_TASK: {"queue": MAINTENANCE_QUEUE}},
+        task_routes={name: {"queue": MAINTENANCE_QUEUE} for name in (SWEEP_TASK, ANCHOR_TASK, WEBHOOK_TASK)},
         # A lazy model load in a prefork child happens in its first task; give children time to boot.
         worker_proc_alive_timeout=120,
         beat_schedule={
@@ -46,6 +56,9 @@ def create_app(settings: Settings | None = None) -> Celery:
                                      "options": {"queue": MAINTENANCE_QUEUE, "expires": settings.sweep_every_seconds}},
             "anchor-audit-chain": {"task": ANCHOR_TASK, "schedule": settings.anchor_every_seconds,
                                    "options": {"queue": MAINTENANCE_QUEUE, "expires": settings.anchor_every_seconds}},
+            "deliver-webhooks": {"task": WEBHOOK_TASK, "schedule": settings.webhook_deliver_every_seconds,
+                                 "options": {"queue": MAINTENANCE_QUEUE,
+                                             "expires": settings.webhook_deliver_every_seconds}},
         },
         beat_schedule_filename=str(settings.var_dir.resolve() / "celerybeat-schedule"),
     )
@@ -55,6 +68,7 @@ def create_app(settings: Settings | None = None) -> Celery:
     @app.task(name=GENERATE_TASK, bind=True, ignore_result=True, shared=False)
     def generate_chunk(task: Any, item_ids: list[str], outbox_id: int | None = None) -> dict[str, Any]:
         """Claim, generate, store, check and record a chunk of items; idempotent under redelivery."""
+        bind_ids(outbox_id=outbox_id, item_ids=item_ids)
         report = ChunkRunner(ctx, task.request.id or "local").run(item_ids, outbox_id)
         log.info("chunk done: %s", report.as_dict())
         return report.as_dict()
@@ -66,6 +80,12 @@ def create_app(settings: Settings | None = None) -> Celery:
         report = sweep(ctx.sessions, app, settings)
         return {"requeued": len(report.requeued), "dead": len(report.dead), "dispatched": report.dispatched}
 
+    @app.task(name=WEBHOOK_TASK, ignore_result=True, shared=False)
+    def deliver_webhooks() -> dict[str, int]:
+        """Send due webhook deliveries (docs/webhooks.md): here, never inside a GPU task."""
+        report = deliver_due(ctx.sessions, settings)
+        return {"delivered": len(report.delivered), "retrying": len(report.retrying), "failed": len(report.failed)}
+
     @app.task(name=ANCHOR_TASK, ignore_result=True, shared=False)
     def anchor_audit_chain() -> dict[str, Any] | None:
         """Write the audit chain's head to write-once storage; a broken chain raises, loudly."""
@@ -73,6 +93,16 @@ def create_app(settings: Settings | None = None) -> Celery:
             result = anchor_chain(session, ctx.store)
             session.commit()
         return result and {"seq": result.anchor.seq, "created": result.created}
+
+    @signals.task_prerun.connect(weak=False)
+    def bind_task_ids(task_id: str | None = None, task: Any = None, **_: Any) -> None:
+        """Every log line of a task carries its id and name (core/logs.py); the chunk adds its batch."""
+        clear_ids()
+        bind_ids(task_id=task_id, task=getattr(task, "name", None))
+
+    @signals.task_postrun.connect(weak=False)
+    def unbind_task_ids(**_: Any) -> None:
+        clear_ids()
 
     @signals.worker_process_init.connect(weak=False)
     def load_model_in_child(**_: Any) -> None:

@@ -27,8 +27,9 @@ from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from core import audit
+from core import audit, webhooks
 from core.dispatch import dispatch_pending, mark_claimed
+from core.logs import bind_ids
 from core.ledger import pack_by_images
 from core.params import image_seed
 from core.retry import is_transient
@@ -110,6 +111,7 @@ class ChunkRunner:
                 audit.record(session, "item.dead", actor=self.actor, batch_id=batch_id, item_id=item_id,
                              payload={"error": leases.dead_error(self.settings.max_attempts),
                                       "max_attempts": self.settings.max_attempts})
+            webhooks.enqueue_items_dead(session, [item_id for item_id, _ in settled.dead])
             return settled
 
         settled = self.ctx.in_ledger(work, what="taking the chunk")
@@ -141,6 +143,7 @@ class ChunkRunner:
         if items:
             self.ctx.model.load()  # a model that cannot load is the worker's fault: raise, give back
         for batch_id in dict.fromkeys(item.batch_id for item in items):
+            bind_ids(batch_id=batch_id)  # the logs of this batch's part of the chunk (core/logs.py)
             self.touched_batches.add(batch_id)
             batch = self.steps.batch(batch_id)
             allowed = self._screen(batch, [item for item in items if item.batch_id == batch_id])

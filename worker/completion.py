@@ -11,11 +11,10 @@ import logging
 from sqlalchemy import exists, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from core import audit
+from core import audit, webhooks
 from core.ledger import batch_status, state_counts
 from core.settings import Settings
-from models import Batch, Item, ItemState, utcnow
-from worker.webhooks import post_webhook
+from models import Batch, BatchStatus, Item, ItemState, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -34,13 +33,17 @@ def complete_if_done(sessions: sessionmaker[Session], batch_id: str, *, actor: s
             return False
         batch = session.get(Batch, batch_id)
         counts = state_counts(session, [batch_id])[batch_id]
-        payload = {"status": batch_status(batch, counts).value, "counts": counts}
+        status = batch_status(batch, counts)
+        payload = {"status": status.value, "counts": counts}
         audit.record(session, "batch.completed", actor=actor, batch_id=batch_id, payload=payload)
+        webhooks.enqueue_for_batch(session, completion_event(status, counts), batch_id, {
+            "name": batch.name, "finished_at": batch.finished_at.isoformat(), **payload})
         session.commit()
-        webhook_url = batch.webhook_url
-        message = {"event": "batch.completed", "batch_id": batch_id, "name": batch.name,
-                   "finished_at": batch.finished_at.isoformat(), **payload}
-    if webhook_url:
-        post_webhook(webhook_url, message, timeout=settings.webhook_timeout_seconds,
-                     allow_private=settings.webhook_allow_private)
     return True
+
+
+def completion_event(status: BatchStatus, counts: dict[str, int]) -> str:
+    """``batch.failed`` when the batch ended without a single succeeded item (and was not cancelled)."""
+    if status != BatchStatus.CANCELLED and not counts.get(ItemState.SUCCEEDED, 0):
+        return webhooks.BATCH_FAILED
+    return webhooks.BATCH_COMPLETED

@@ -19,10 +19,10 @@ from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from core import audit
+from core import audit, webhooks
 from core.params import GenerationParams
 from core.provenance import encode_png
-from models import Batch, Image, QcResult, utcnow
+from models import Batch, Image, QcResult, Verdict, utcnow
 from models.base import new_id
 from worker import logo
 from worker.context import WorkerContext
@@ -173,6 +173,10 @@ class ImageSteps:
             timings={name: round(value, 6) for name, value in rendered.timings.items()},
             phash=phash, qc_verdict=verdict, qc_reasons=reasons, created_at=utcnow(),
         ))
+        if verdict != Verdict.PASS:
+            webhooks.enqueue_for_batch(session, webhooks.IMAGE_FLAGGED, batch.id, {
+                "image_id": image.id, "item_id": image.item.id, "external_id": image.item.external_id,
+                "verdict": verdict, "reasons": reasons})
         if outcome is None:
             return
         session.flush()  # the image row first: qc_results point at it

@@ -17,7 +17,7 @@ from sqlalchemy import and_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.sql.elements import ColumnElement
 
-from core import audit
+from core import audit, webhooks
 from core.broker import get_celery
 from core.dispatch import dispatch_pending
 from core.ledger import cancelled_batches
@@ -64,6 +64,7 @@ def sweep(sessions: sessionmaker[Session], celery: Celery | None = None, setting
         report.dead = _end(session, and_(stale, Item.attempts >= settings.max_attempts), ItemState.DEAD, now,
                            error=leases.dead_error_with_last(settings.max_attempts))
         report.requeued = leases.requeue(session, stale, chunk_images=settings.chunk_images, note=REQUEUE_NOTE)
+        webhooks.enqueue_items_dead(session, report.dead)
         if report.requeued or report.dead:
             audit.record(session, "items.swept", actor=ACTOR,
                          payload={"requeued": report.requeued, "dead": report.dead, "cancelled": report.cancelled})

@@ -1,6 +1,7 @@
 """Batches: submit (JSON, CSV or a catalogue), preview, list, read, items, cancel, retry."""
 from __future__ import annotations
 
+import logging
 import re
 from typing import Annotated
 
@@ -19,7 +20,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api import catalogue, queries
 from api.deps import ReaderDep, SessionDep, SubmitterDep, visible_batch
-from api.errors import APIError
+from api.errors import APIError, too_many_requests
 from api.intake import CSV_COLUMNS, CSV_QUERY_FIELDS, parse_batch_request
 from api.metrics import BATCHES_SUBMITTED, ITEMS_SUBMITTED
 from api.publish import publish_outbox
@@ -30,14 +31,16 @@ from api.schemas import (
     ItemPage,
     RetryResult,
 )
-from core import ledger
+from core import ledger, quotas
 from core.keys import MAX_TEAM_CHARS, Principal
+from core.logs import bind_ids
 from core.settings import get_settings
 from core.storage import get_store
 from api.schemas.catalogue import BatchPreview
 from models import Batch, ItemState, Verdict
 from qc.contact_sheet import batch_contact_sheet, png_bytes
 
+log = logging.getLogger(__name__)
 router = APIRouter(prefix="/batches", tags=["batches"])
 
 IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,200}$")  # printable ASCII, no spaces: fits batches.idempotency_key
@@ -45,6 +48,7 @@ ERROR_RESPONSES = {code: {"description": text} for code, text in {
     400: "malformed JSON or CSV", 401: "no valid API key", 403: "role may not do this",
     404: "no such batch (or another team's)", 409: "Idempotency-Key reused with another body, or nothing to cancel",
     413: "body larger than MAX_BODY_BYTES", 415: "neither JSON nor CSV", 422: "invalid fields",
+    429: "over the team's queued images or submissions per minute (Retry-After)",
 }.items()}
 BATCH_REQUEST_BODY = {
     "requestBody": {
@@ -100,6 +104,8 @@ def create_batch(
 ) -> BatchOut:
     plan = catalogue.plan_request(session, principal.team, batch_in)
     batch, created = submit(session, principal, catalogue.checked_spec(plan), key, plan.branded.version)
+    bind_ids(batch_id=batch.id)
+    log.info("batch accepted" if created else "batch replayed", extra={"items": batch.total_items})
     response.headers["Location"] = f"/v1/batches/{batch.id}"
     if created:
         BATCHES_SUBMITTED.labels(batch.priority).inc()
@@ -114,6 +120,11 @@ def create_batch(
 def submit(session: Session, principal: Principal, spec: ledger.BatchSpec, key: str | None,
            brand_rules_version: int | None = None) -> tuple[Batch, bool]:
     """Commit the batch; a concurrent twin with the same Idempotency-Key resolves to one batch."""
+    if not (key and ledger.find_by_idempotency_key(session, principal.team, key)):  # a replay is free
+        try:
+            quotas.admit_submission(session, principal.team, sum(i.num_images for i in spec.items), get_settings())
+        except quotas.QuotaExceeded as exc:
+            raise too_many_requests(exc.code, exc.message, exc.retry_after, exc.details) from None
     for attempt in (1, 2):
         try:
             batch, created = ledger.submit_batch(

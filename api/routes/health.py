@@ -4,23 +4,28 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
+from functools import lru_cache
 
+import redis
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from sqlalchemy import func, select, text
+from sqlalchemy import text
 
 from api.errors import error_response
-from api.metrics import ITEMS_BY_STATE, REGISTRY
-from core.broker import get_celery
+from api import queries
+from api.metrics import ITEMS_BY_STATE, OUTBOX_CHUNKS, QUEUE_DEPTH, REGISTRY, Throttle
+from core.broker import MAINTENANCE_QUEUE, QUEUE_FOR_PRIORITY, get_celery
 from core.db import get_engine, session_factory
+from core.settings import get_settings
 from core.storage import get_store
-from models import Item, ItemState
+from models import ItemState
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["health"])
 
 CHECK_TIMEOUT_S = 5.0
+BROKER_QUEUES = (*QUEUE_FOR_PRIORITY.values(), MAINTENANCE_QUEUE)
 # Checks run in threads of their own: a hung dependency (boto3 retrying a dead endpoint) must not
 # hang the probe past its timeout, and a thread left behind is reused rather than piling up.
 _checks_pool = ThreadPoolExecutor(max_workers=6, thread_name_prefix="readyz")
@@ -79,15 +84,49 @@ def readyz() -> JSONResponse:
 
 @router.get("/metrics", response_class=Response, summary="Prometheus metrics")
 def metrics() -> Response:
-    try:
-        refresh_item_gauge()
-    except Exception as exc:  # noqa: BLE001 - the request metrics still serve when the database is down
-        log.warning("items gauge not refreshed: %s", exc)
+    for name, refresh in (("ledger gauges", lambda: ledger_throttle.run(refresh_ledger_gauges)),
+                          ("queue depth", refresh_queue_depth)):
+        try:
+            refresh()
+        except Exception as exc:  # noqa: BLE001 - the request metrics still serve when a part is down
+            log.warning("%s not refreshed: %s", name, exc)
     return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
 
-def refresh_item_gauge() -> None:
+ledger_throttle = Throttle(lambda: get_settings().metrics_ledger_seconds)
+
+
+def refresh_ledger_gauges() -> None:
     with session_factory(get_engine())() as session:
-        counts = {state: n for state, n in session.execute(select(Item.state, func.count()).group_by(Item.state))}
+        states = queries.item_state_counts(session)
+        chunks = queries.outbox_counts(session)
     for state in ItemState:
-        ITEMS_BY_STATE.labels(state.value).set(counts.get(state.value, 0))
+        ITEMS_BY_STATE.labels(state.value).set(states.get(state.value, 0))
+    for queue in BROKER_QUEUES:
+        for state in ("pending", "in_flight"):
+            OUTBOX_CHUNKS.labels(queue, state).set(chunks.get((queue, state), 0))
+    if not is_redis(get_settings().broker_url):  # no LLEN: what was sent and not yet taken
+        for queue in BROKER_QUEUES:
+            QUEUE_DEPTH.labels(queue).set(chunks.get((queue, "in_flight"), 0))
+
+
+def refresh_queue_depth() -> None:
+    broker_url = get_settings().broker_url
+    if not is_redis(broker_url):
+        return
+    client = redis_client(broker_url)
+    with client.pipeline(transaction=False) as pipe:
+        for queue in BROKER_QUEUES:
+            pipe.llen(queue)
+        depths = pipe.execute()
+    for queue, depth in zip(BROKER_QUEUES, depths):
+        QUEUE_DEPTH.labels(queue).set(depth)
+
+
+def is_redis(broker_url: str) -> bool:
+    return broker_url.startswith(("redis://", "rediss://"))
+
+
+@lru_cache(maxsize=4)
+def redis_client(url: str) -> redis.Redis:
+    return redis.Redis.from_url(url, socket_timeout=CHECK_TIMEOUT_S, socket_connect_timeout=CHECK_TIMEOUT_S)

@@ -4,14 +4,14 @@ brand_rules: one row per version of a team's rules (core/brand.py), added and ne
 batches.brand_rules_version: which version a batch was submitted under (NULL: none).
 
 Revision ID: 0006
-Revises: 0004
+Revises: 0005
 """
 import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql
 
 revision = "0006"
-down_revision = "0004"
+down_revision = "0005"
 branch_labels = None
 depends_on = None
 
