@@ -68,7 +68,10 @@ def read_pem(value: str) -> bytes:
 
 def identity_from(key: str, chain: str, *, source: str, tsa_url: str | None = None) -> SigningIdentity:
     """A signing identity from a key and a chain (PEM or paths); the key must match the leaf."""
-    key_pem, chain_pem = read_pem(key), read_pem(chain)
+    try:
+        key_pem, chain_pem = read_pem(key), read_pem(chain)
+    except CredentialsError as exc:
+        raise CredentialsError(f"{source}: {exc}") from None
     try:
         private = serialization.load_pem_private_key(key_pem, password=None)
         leaf = x509.load_pem_x509_certificates(chain_pem)[0]
