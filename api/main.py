@@ -16,7 +16,7 @@ from fastapi.openapi.utils import get_openapi
 from api.deps import db_permits
 from api.errors import install_error_handlers
 from api.middleware import BodySizeLimit, RequestMetrics
-from api.routes import audit, batches, health, items, keys, objects, review
+from api.routes import audit, batches, health, items, keys, objects, review, verify
 from api.schemas import BatchCreate
 
 API_PREFIX = "/v1"
@@ -41,6 +41,7 @@ def create_app() -> FastAPI:
     app.include_router(objects.router, prefix=API_PREFIX)
     app.include_router(keys.router, prefix=API_PREFIX)
     app.include_router(audit.router, prefix=API_PREFIX)
+    app.include_router(verify.router, prefix=API_PREFIX)
     app.include_router(review.router)  # /v1/review, /v1/images/{id}/review, contact sheets, the /review page
     # Added last = outermost: the size limit answers 413 before anything reads the body.
     app.add_middleware(RequestMetrics)
