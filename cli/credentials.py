@@ -45,7 +45,8 @@ def announce_signing(settings: Settings, console: Console) -> None:
     folder = credentials.dev_chain_folder(settings)
     created = credentials.create_dev_chain(folder)
     console.print(f"[yellow]Content Credentials are signed with an UNTRUSTED development chain in {folder}"
-                  f"{' (created now)' if created else ''}; set C2PA_SIGNING_KEY / C2PA_SIGNING_CHAIN for a real one[/]")
+                  f"{' (created now)' if created else ''}; set C2PA_SIGNING_KEY / C2PA_SIGNING_CHAIN for a real one[/]",
+                  highlight=False, soft_wrap=True)
 
 
 @credentials_app.command("verify")

@@ -148,7 +148,7 @@ def _signing_key_or_exit() -> None:
         announce_signing(get_settings(), console)
         load_signers(get_settings())
     except CredentialsError as error:
-        console.print(f"[red]error:[/] Content Credentials: {error}", highlight=False)
+        console.print(f"[red]error:[/] Content Credentials: {error}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
 
 
