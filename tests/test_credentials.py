@@ -22,6 +22,7 @@ from core.credentials import CredentialsError, SigningIdentity
 from core.settings import REPO_ROOT, Settings
 from instaflow.testing import make_random_checkpoint
 from models import Item
+from tests.apikit import ApiHarness
 from tests.workerkit import build_stack, running_worker
 
 MANIFEST = credentials.manifest_for(
@@ -168,6 +169,7 @@ def checkpoint_512(tmp_path_factory) -> Path:
 
 def test_a_worker_image_at_512_reencoded_as_jpeg_q75_without_metadata_is_found_by_its_watermark(
         configure, checkpoint_512, tmp_path):
+    """The CLI and ``POST /v1/verify`` find the item of a stripped JPEG copy; the API shows the state."""
     stack = build_stack(configure, INSTABATCH_MODEL=str(checkpoint_512))
     with running_worker(stack):
         batch_id = stack.submit([ledger.ItemSpec(prompt="a red mug", external_id="mug", seed=7),
@@ -196,6 +198,28 @@ def test_a_worker_image_at_512_reencoded_as_jpeg_q75_without_metadata_is_found_b
     assert "manifest: none" in result.output and f"watermark: {image.watermark_id}" in result.output
     assert f"ledger (watermark): image={image.id} item={image.item_id} external_id=mug" in result.output
 
+    api = ApiHarness.start()
+    with open(copy, "rb") as upload:
+        answer = api.post("auditor", "/v1/verify", files={"file": ("reposted.jpg", upload, "image/jpeg")})
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body["manifest"]["present"] is False and body["watermark"] == {"checked": True, "found": True,
+                                                                          "id": image.watermark_id}
+    assert {match["image_id"] for match in body["matches"]} >= {image.id}
+    assert {match["found_by"] for match in body["matches"]} == {"watermark"}
+    signed = api.post("auditor", "/v1/verify", files={"file": ("stored.png", stored, "image/png")}).json()
+    assert signed["manifest"]["valid"] and signed["manifest"]["ai_generated"] and not signed["manifest"]["trusted"]
+    assert signed["matches"][0]["found_by"] == "sha256" and signed["matches"][0]["same_file"] is True
+    other_team = api.post("other_team", "/v1/verify", files={"file": ("reposted.jpg", copy.read_bytes())})
+    assert other_team.status_code == 200 and other_team.json()["matches"] == []  # not their team's image
+    garbage = api.post("auditor", "/v1/verify", files={"file": ("notes.txt", b"not an image")})
+    assert garbage.status_code == 422 and garbage.json()["error"]["code"] == "unreadable_image"
+    detail = api.get("auditor", f"/v1/items/{image.item_id}").json()
+    assert detail["images"][0]["credentials"] == {
+        "signed": True, "format": "image/png", "signer": image.credentials["c2pa"]["signer"],
+        "development_chain": True, "watermark": "embedded", "watermark_id": image.watermark_id,
+        "watermark_skipped": None}
+
     # Determinism: the same prompt, seed, params and key give the same pixels and watermark; the
     # signed files differ (the manifest's instance id and time), so they are compared decoded.
     again = stack.images(again_id)[0]
@@ -209,3 +233,5 @@ def test_a_worker_image_at_512_reencoded_as_jpeg_q75_without_metadata_is_found_b
     assert generated["credentials"]["watermark"]["embedded"] is False
     with stack.sessions() as session:
         assert session.get(Item, small.item_id).state == "succeeded"
+    small_detail = api.get("auditor", f"/v1/items/{small.item_id}").json()["images"][0]["credentials"]
+    assert small_detail["watermark"] == "skipped" and "64x64" in small_detail["watermark_skipped"]
