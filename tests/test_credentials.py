@@ -235,3 +235,28 @@ def test_a_worker_image_at_512_reencoded_as_jpeg_q75_without_metadata_is_found_b
         assert session.get(Item, small.item_id).state == "succeeded"
     small_detail = api.get("auditor", f"/v1/items/{small.item_id}").json()["images"][0]["credentials"]
     assert small_detail["watermark"] == "skipped" and "64x64" in small_detail["watermark_skipped"]
+
+
+def test_a_team_with_its_own_chain_signs_with_it_and_prompts_appear_only_for_allowed_teams(dev_chain, tmp_path):
+    from worker.sealing import Sealer
+
+    credentials.create_dev_chain(tmp_path / "teams" / "mkt")
+    settings = Settings(INSTABATCH_VAR_DIR=str(tmp_path / "var"), C2PA_SIGNING_KEY=str(dev_chain / credentials.KEY_FILE),
+                        C2PA_SIGNING_CHAIN=str(dev_chain / credentials.CHAIN_FILE),
+                        C2PA_TEAM_KEYS_DIR=str(tmp_path / "teams"), C2PA_PROMPT_TEAMS="mkt")
+    sealer = Sealer(settings)
+    record = {"item_id": "i", "batch_id": "b", "external_id": None, "prompt": "a secret launch product", "seed": 1,
+              "index": 0, "model": "tiny", "weights_sha256": "ab" * 32, "params": "{}"}
+    picture, mark = sealer.mark(product_picture(64), record)
+    png = encoded(picture, "PNG")
+    team_file, team_state = sealer.sign(png, "image/png", record, mark, team="mkt", submitted_hash="00" * 32)
+    other_file, other_state = sealer.sign(png, "image/png", record, mark, team="ops", submitted_hash=None)
+
+    own_root = (tmp_path / "teams" / "mkt" / credentials.ROOT_FILE).read_bytes()
+    assert credentials.read_manifest(team_file, own_root).trusted  # the team's chain signed it
+    assert not credentials.read_manifest(other_file, own_root).trusted  # the deployment's chain signed this one
+    assert team_state["watermark"]["embedded"] is False and "64x64" in team_state["watermark"]["skipped"]
+    with c2pa.Reader("image/png", io.BytesIO(team_file)) as reader:
+        assert "a secret launch product" in reader.json()
+    with c2pa.Reader("image/png", io.BytesIO(other_file)) as reader:
+        assert "a secret launch product" not in reader.json()
