@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
             copy = attack(signed)
             copied = Image.open(io.BytesIO(copy)).convert("RGB")
             as_is[name] += watermark.decode(copied) == mark_id
-            decoded[name] += mark_id in watermark.candidates(copied)
+            decoded[name] += any(found == mark_id for found, _ in watermark.candidates(copied))
             manifests[name] += credentials.read_manifest(copy).valid
 
     count = len(pictures)

@@ -123,12 +123,12 @@ def _by_manifest(session: Session, manifest: ManifestReport) -> list[LedgerMatch
     return _matches(_rows(session, Image.item_id == link["item_id"], Image.index == link["index"]), "manifest", None)
 
 
-def _by_watermark(session: Session, candidates: Iterable[str]) -> tuple[str | None, list[LedgerMatch]]:
-    """The first decoded id the ledger knows (the pixels as they are first, then rescaled)."""
-    for candidate in candidates:
+def _by_watermark(session: Session, candidates: Iterable[tuple[str, str]]) -> tuple[str | None, list[LedgerMatch]]:
+    """The first decoded id the ledger knows (the pixels as they are, rescaled, realigned)."""
+    for candidate, how in candidates:
         rows = _rows(session, Image.watermark_id == candidate)
         if rows:
-            return candidate, _matches(rows, "watermark", None)
+            return candidate, _matches(rows, "watermark" if how == "as_is" else f"watermark_{how}", None)
     return None, []
 
 
@@ -137,4 +137,4 @@ def _carried_id(session: Session, image_id: str, picture: PILImage.Image) -> str
     expected = session.scalar(select(Image.watermark_id).where(Image.id == image_id))
     if expected is None:
         return None
-    return expected if expected in watermark.candidates(picture) else None
+    return expected if any(found == expected for found, _ in watermark.candidates(picture)) else None

@@ -13,7 +13,7 @@ and from 256 px up the id decodes after JPEG q75; smaller images are skipped and
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,6 +25,7 @@ BITS = 32
 # the library's default 36 lost most ids at q75 (bench/credentials.py).
 SCALES = (0, 60, 0)
 MIN_SIDE = 256  # imwatermark refuses images under 256 x 256 pixels
+BLOCK = 4  # imwatermark's block side in the DWT approximation (8 px of the image)
 # Sizes a resized copy is scaled back to before a second decode: the DWT blocks must line up again.
 RESYNC_SIDES = (512, 768, 1024, 256, 384, 640, 896)
 
@@ -81,15 +82,23 @@ def decode(picture: Image.Image) -> str | None:
     return _hex(bits)
 
 
-def candidates(picture: Image.Image) -> Iterable[str]:
-    """Ids to look up: the pixels as they are, then scaled back to each usual output size (a
-    resized copy decodes once its blocks line up again). Only the ledger can tell which is real."""
+def candidates(picture: Image.Image) -> Iterator[tuple[str, str]]:
+    """(id, how it was read) to look up, lazily and clearest first: the pixels ``as_is``, then
+    ``rescaled`` to each usual output size (a resized copy decodes once its blocks line up
+    again), then ``realigned`` for a cropped copy (64 ids: a lead, not proof). Only the ledger
+    can tell which is real."""
     seen: set[str] = set()
-    for variant in _variants(picture):
-        found = decode(variant)
+    for found, how in _readings(picture):
         if found is not None and found not in seen:
             seen.add(found)
-            yield found
+            yield found, how
+
+
+def _readings(picture: Image.Image) -> Iterator[tuple[str | None, str]]:
+    for number, variant in enumerate(_variants(picture)):
+        yield decode(variant), "as_is" if number == 0 else "rescaled"
+    for found in _cropped(picture):
+        yield found, "realigned"
 
 
 def _variants(picture: Image.Image) -> Iterable[Image.Image]:
@@ -99,6 +108,60 @@ def _variants(picture: Image.Image) -> Iterable[Image.Image]:
         if side != longest:
             scale = side / longest
             yield picture.resize((round(picture.width * scale), round(picture.height * scale)), Image.BICUBIC)
+
+
+def _cropped(picture: Image.Image, keep: int = 2) -> list[str]:
+    """A crop moves the block grid and changes how many blocks a row has, so imwatermark's own
+    decode reads the bits out of order. This scores every block once per pixel offset (the grid
+    repeats every 8 px) and votes under each block-row length of the usual output sizes. Where
+    the sequence of bits starts is lost with the cropped rows and columns, and every start votes
+    equally clearly, so each of the ``keep`` clearest alignments gives its 32 rotations (no
+    rotation first: a crop that kept the top-left corner)."""
+    if too_small(picture.width, picture.height):
+        return []
+    bgr = np.ascontiguousarray(np.asarray(picture.convert("RGB"))[:, :, ::-1])
+    row_lengths = sorted({side // (2 * BLOCK) for side in (*RESYNC_SIDES, picture.width)})
+    clarity: dict[int, float] = {}  # by the id's smallest rotation: how clearly the blocks voted
+    found: dict[int, int] = {}  # by the same key: the id as read at the clearest alignment
+    for dy in range(2 * BLOCK):
+        for dx in range(2 * BLOCK):
+            scores = _block_scores(bgr[dy:, dx:])
+            rows, columns = np.indices(scores.shape)
+            for row_length in row_lengths:
+                bit = ((rows * row_length + columns) % BITS).ravel()
+                counts = np.bincount(bit, minlength=BITS)
+                votes = np.divide(np.bincount(bit, weights=scores.ravel(), minlength=BITS), counts,
+                                  out=np.full(BITS, 0.5), where=counts > 0)  # a bit no block holds: no vote
+                value = int(_hex(votes > 0.5), 16)
+                vote = float(np.abs(votes - 0.5).mean())
+                key = min(_rotate(value, shift) for shift in range(BITS))
+                if vote > clarity.get(key, -1.0):
+                    clarity[key], found[key] = vote, value
+    best = sorted(clarity, key=clarity.__getitem__, reverse=True)[:keep]
+    return [f"{_rotate(found[key], shift):0{BITS // 4}x}" for key in best for shift in range(BITS)]
+
+
+def _rotate(value: int, shift: int) -> int:
+    mask = (1 << BITS) - 1
+    return ((value << shift) | (value >> (BITS - shift))) & mask if shift else value
+
+
+def _block_scores(bgr: np.ndarray) -> np.ndarray:
+    """imwatermark's per-block bit (``EmbedDwtDctSvd.infer_dct_svd``) for every 4 x 4 block of
+    the U channel's DWT approximation, at once: the DCT is orthonormal, so the block's largest
+    singular value is its DCT's."""
+    import cv2
+    import pywt
+
+    rows, columns = bgr.shape[0] // 4 * 4, bgr.shape[1] // 4 * 4
+    channel = cv2.cvtColor(bgr, cv2.COLOR_BGR2YUV)[:rows, :columns, 1]
+    approximation = pywt.dwt2(channel, "haar")[0]
+    block_rows, block_columns = approximation.shape[0] // BLOCK, approximation.shape[1] // BLOCK
+    blocks = (approximation[: block_rows * BLOCK, : block_columns * BLOCK]
+              .reshape(block_rows, BLOCK, block_columns, BLOCK).swapaxes(1, 2))
+    largest = np.linalg.svd(blocks, compute_uv=False)[..., 0]
+    scale = SCALES[1]
+    return ((largest % scale) > scale * 0.5).astype(np.float64)
 
 
 def _bits(mark_id: str) -> list[int]:

@@ -120,7 +120,9 @@ def test_the_watermark_survives_jpeg_q75_and_a_resize_and_is_skipped_on_small_im
     jpeg = PILImage.open(io.BytesIO(encoded(marked, "JPEG", quality=75)))
     assert watermark.decode(jpeg) == mark_id
     halved = marked.resize((256, 256), PILImage.LANCZOS)
-    assert mark_id in list(watermark.candidates(halved))  # scaled back to 512 before decoding
+    assert (mark_id, "rescaled") in list(watermark.candidates(halved))  # scaled back to 512 before decoding
+    cropped = marked.crop((26, 26, 486, 486))  # 10 %: the block grid moved
+    assert (mark_id, "realigned") in list(watermark.candidates(cropped))
 
     tiny, skipped = watermark.embed(product_picture(64), mark_id)
     assert not skipped.embedded and "64x64" in skipped.reason and tiny.tobytes() == product_picture(64).tobytes()

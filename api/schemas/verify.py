@@ -40,7 +40,9 @@ class WatermarkOut(ResponseModel):
 
 
 class LedgerMatchOut(ResponseModel):
-    found_by: str = Field(description="sha256 (the file as generated), manifest, or watermark")
+    found_by: str = Field(description="sha256 (the file as generated), manifest, watermark (the pixels as they "
+                                      "are), watermark_rescaled (a resized copy) or watermark_realigned (a cropped "
+                                      "copy: one of 64 ids tried, a lead rather than proof)")
     image_id: str
     item_id: str
     batch_id: str
