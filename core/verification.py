@@ -78,7 +78,7 @@ def verify(data: bytes, *, anchors: bytes | None, session: Session | None = None
                           width=picture.width, height=picture.height, manifest=read_manifest(data, anchors))
     if session is None:
         return result
-    result.watermark_checked = watermark.too_small(picture.width, picture.height) is None
+    result.watermark_checked = watermark.readable(picture.width, picture.height)
     matches = _by_sha256(session, result.sha256) or _by_manifest(session, result.manifest)
     if not matches and result.watermark_checked:
         result.watermark_id, matches = _by_watermark(session, watermark.candidates(picture))

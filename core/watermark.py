@@ -26,6 +26,7 @@ BITS = 32
 SCALES = (0, 60, 0)
 MIN_SIDE = 256  # imwatermark refuses images under 256 x 256 pixels
 BLOCK = 4  # imwatermark's block side in the DWT approximation (8 px of the image)
+READ_MIN_SIDE = MIN_SIDE // 2  # a copy cut or shrunk below MIN_SIDE can still be read (rescaled, realigned)
 # Sizes a resized copy is scaled back to before a second decode: the DWT blocks must line up again.
 RESYNC_SIDES = (512, 768, 1024, 256, 384, 640, 896)
 
@@ -55,6 +56,10 @@ def too_small(width: int, height: int) -> str | None:
     if min(width, height) >= MIN_SIDE:
         return None
     return f"image {width}x{height} is under the watermark's minimum {MIN_SIDE}x{MIN_SIDE}"
+
+
+def readable(width: int, height: int) -> bool:
+    return min(width, height) >= READ_MIN_SIDE
 
 
 def embed(picture: Image.Image, mark_id: str) -> tuple[Image.Image, Mark]:
@@ -117,7 +122,7 @@ def _cropped(picture: Image.Image, keep: int = 2) -> list[str]:
     the sequence of bits starts is lost with the cropped rows and columns, and every start votes
     equally clearly, so each of the ``keep`` clearest alignments gives its 32 rotations (no
     rotation first: a crop that kept the top-left corner)."""
-    if too_small(picture.width, picture.height):
+    if not readable(picture.width, picture.height):
         return []
     bgr = np.ascontiguousarray(np.asarray(picture.convert("RGB"))[:, :, ::-1])
     row_lengths = sorted({side // (2 * BLOCK) for side in (*RESYNC_SIDES, picture.width)})
