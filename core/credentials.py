@@ -295,9 +295,10 @@ def _reader_context(trust_anchors: bytes | None):
 def _report(store: dict[str, Any], state: str | None) -> ManifestReport:
     manifest = store.get("manifests", {}).get(store.get("active_manifest") or "", {})
     signature = manifest.get("signature_info") or {}
-    actions = [action for assertion in manifest.get("assertions", []) if assertion.get("label", "").startswith("c2pa.actions")
+    assertions = manifest.get("assertions", [])
+    actions = [action for assertion in assertions if assertion.get("label", "").startswith("c2pa.actions")
                for action in assertion.get("data", {}).get("actions", [])]
-    ledger = next((assertion.get("data", {}) for assertion in manifest.get("assertions", [])
+    ledger = next((assertion.get("data", {}) for assertion in assertions
                    if assertion.get("label") == LEDGER_ASSERTION), {})
     results = (store.get("validation_results") or {}).get("activeManifest") or {}
     failures = [entry.get("code", "") for entry in results.get("failure", [])]

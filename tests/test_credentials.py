@@ -243,7 +243,8 @@ def test_a_team_with_its_own_chain_signs_with_it_and_prompts_appear_only_for_all
     from worker.sealing import Sealer
 
     credentials.create_dev_chain(tmp_path / "teams" / "mkt")
-    settings = Settings(INSTABATCH_VAR_DIR=str(tmp_path / "var"), C2PA_SIGNING_KEY=str(dev_chain / credentials.KEY_FILE),
+    settings = Settings(INSTABATCH_VAR_DIR=str(tmp_path / "var"),
+                        C2PA_SIGNING_KEY=str(dev_chain / credentials.KEY_FILE),
                         C2PA_SIGNING_CHAIN=str(dev_chain / credentials.CHAIN_FILE),
                         C2PA_TEAM_KEYS_DIR=str(tmp_path / "teams"), C2PA_PROMPT_TEAMS="mkt")
     sealer = Sealer(settings)

@@ -42,6 +42,7 @@ def test_the_demo_writes_one_png_per_prompt_and_the_same_bytes_twice(tmp_path):
         assert hashlib.sha256(data).hexdigest() == row["sha256"]
         with c2pa.Reader("image/png", io.BytesIO(data)) as reader:  # Content Credentials, as any C2PA tool reads them
             assert reader.get_validation_state() == "Valid" and "trainedAlgorithmicMedia" in reader.json()
-    assert (tmp_path / "var" / "credentials" / "signing-key.pem").is_file()  # the untrusted dev chain, made on first use
+    # Signed with the untrusted development chain, made on first use.
+    assert (tmp_path / "var" / "credentials" / "signing-key.pem").is_file()
     again = run_demo(env, tmp_path / "again")
     assert [row["sha256"] for row in again] == [row["sha256"] for row in rows]
