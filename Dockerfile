@@ -19,7 +19,7 @@ RUN pip install --index-url "$TORCH_INDEX_URL" "torch==${TORCH_VERSION}"
 # The source tree as is, installed in place: migrations/ and instaflow/weights/ are found next
 # to the code (core.settings.REPO_ROOT), exactly as in a development checkout.
 COPY . /app
-RUN pip install -e .
+RUN pip install -e . && pip install --no-deps invisible-watermark==0.2.0
 
 USER instabatch
 EXPOSE 8000

@@ -6,6 +6,8 @@ STAMP := $(VENV)/.installed-stamp
 # The CPU build of torch lies on the development machines; pinning and installing it first
 # keeps pip from pulling a multi-GB CUDA build as a dependency of diffusers.
 TORCH := torch==2.13.0
+# Without its declared deps: they are the GUI opencv-python and an unpinned torch (pyproject.toml).
+WATERMARK := invisible-watermark==0.2.0
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 PIP := $(PY) -m pip install -q --disable-pip-version-check $(FIND_LINKS)
 
@@ -16,6 +18,7 @@ $(STAMP): pyproject.toml
 	$(PIP) --upgrade pip
 	$(PIP) $(TORCH)
 	$(PIP) -e '.[test]'
+	$(PIP) --no-deps $(WATERMARK)
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -25,6 +25,7 @@ from api.schemas import (
 from api.schemas.batches import progress_of
 from api.schemas.review import Finding, QueueEntry
 from api.schemas.teams import DeliveryOut, DeliveryPage, LimitsOut, WebhookSettingsOut
+from api.schemas.verify import CredentialsOut
 from api.signing import object_url
 from core import ledger, quotas
 from core.dispatch import in_flight
@@ -209,7 +210,20 @@ def _image_out(image: Image, base_url: str, scores: dict[str, dict]) -> ImageOut
         **{column: getattr(image, column) for column in IMAGE_COLUMNS},
         "url": object_url(image.storage_key, base_url),
         "scores": scores,
+        "credentials": credentials_out(image.credentials),
     })
+
+
+def credentials_out(state: dict | None) -> CredentialsOut | None:
+    """The image's credential state as recorded by the worker (worker/sealing.py)."""
+    if not state:
+        return None
+    c2pa, mark = state.get("c2pa") or {}, state.get("watermark") or {}
+    return CredentialsOut(signed=bool(c2pa.get("signed")), format=c2pa.get("format"), signer=c2pa.get("signer"),
+                          development_chain=bool(c2pa.get("development_chain")),
+                          watermark="embedded" if mark.get("embedded") else "skipped",
+                          watermark_id=mark.get("id") if mark.get("embedded") else None,
+                          watermark_skipped=mark.get("skipped"))
 
 
 def _item_out(item: Item, images: list[ImageOut]) -> ItemOut:
@@ -249,7 +263,7 @@ def queue_entries(session: Session, rows: list[Any], base_url: str) -> list[Queu
             findings=[Finding.model_validate(r) for r in results.get(image.id, []) if r.reasons],
             url=object_url(image.storage_key, base_url), parent_image_id=image.parent_image_id,
             parent_url=url(image.parent_image_id), twin_image_id=twin, twin_url=url(twin),
-            created_at=image.created_at,
+            credentials=credentials_out(image.credentials), created_at=image.created_at,
         ))
     return entries
 

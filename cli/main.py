@@ -29,6 +29,7 @@ from rich.console import Console
 
 from cli.audit import audit_app, cli_actor
 from cli.brand import brand_app
+from cli.credentials import credentials_app
 from cli.provenance import provenance
 from cli.teams import teams_app
 
@@ -47,6 +48,7 @@ app.add_typer(eval_app, name="eval")
 app.add_typer(audit_app, name="audit")
 app.add_typer(brand_app, name="brand")
 app.add_typer(teams_app, name="teams")
+app.add_typer(credentials_app, name="credentials")
 app.command("provenance")(provenance)
 
 console = Console()
@@ -93,6 +95,8 @@ def run(
         params["refine"] = {"enabled": True, **refine_options}
     options = RunOptions(file=file, out=out, name=name, params=params, fresh=fresh, start_worker=worker,
                          timeout=timeout, worker_app=worker_app, template=template, dry_run=dry_run)
+    if not dry_run:
+        _signing_key_or_exit()
     _run_cli(lambda: run_batch(options, console, actor=cli_actor()))
 
 
@@ -173,9 +177,24 @@ def worker_command(
     from worker.app import WORKER_QUEUES
 
     _migrate_embedded()
+    _signing_key_or_exit()
     command = command_for(pool=pool, concurrency=concurrency, loglevel=loglevel, beat=beat, app=celery_app,
                           queues=tuple(queues.split(",")) if queues else WORKER_QUEUES)
     os.execv(sys.executable, command)  # signals go straight to Celery (warm shutdown on SIGTERM)
+
+
+def _signing_key_or_exit() -> None:
+    """A worker without its signing key stops here, with what to set, before any item is claimed."""
+    from cli.credentials import announce_signing
+    from core.credentials import CredentialsError, load_signers
+    from core.settings import get_settings
+
+    try:
+        announce_signing(get_settings(), console)
+        load_signers(get_settings())
+    except CredentialsError as error:
+        console.print(f"[red]error:[/] Content Credentials: {error}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
 
 
 @app.command()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -119,6 +120,21 @@ class Settings(BaseSettings):
     # Audit anchoring of the hash chain in write-once object storage.
     anchor_every_seconds: int = Field(300, alias="AUDIT_ANCHOR_SECONDS")
 
+    # Content Credentials (core/credentials.py, docs/compliance.md "Content Credentials"): every image
+    # carries a C2PA manifest signed with this key and chain (a file path or the PEM itself). In
+    # "dev" mode a deployment without them signs with an UNTRUSTED development chain that it makes
+    # under var/credentials (what `make demo` does on a fresh machine); "required" refuses to start
+    # a worker without them. C2PA_TEAM_KEYS_DIR/<team>/ may hold a team's own signing-key.pem and
+    # signing-chain.pem. C2PA_TRUST_ANCHORS (PEM bundle) decides which signers verification trusts.
+    credentials_mode: Literal["dev", "required"] = Field("dev", alias="INSTABATCH_CREDENTIALS")
+    c2pa_signing_key: str | None = Field(None, alias="C2PA_SIGNING_KEY")
+    c2pa_signing_chain: str | None = Field(None, alias="C2PA_SIGNING_CHAIN")
+    c2pa_team_keys_dir: Path | None = Field(None, alias="C2PA_TEAM_KEYS_DIR")
+    c2pa_trust_anchors: str | None = Field(None, alias="C2PA_TRUST_ANCHORS")
+    c2pa_tsa_url: str | None = Field(None, alias="C2PA_TSA_URL")  # a timestamp authority; off by default
+    # Teams whose prompts may appear in the manifest (comma-separated; prompts can be confidential).
+    c2pa_prompt_teams: str = Field("", alias="C2PA_PROMPT_TEAMS")
+
     # Bootstrap admin key for a fresh deployment (hashed on first use, never stored in clear).
     bootstrap_admin_key: str | None = Field(None, alias="INSTABATCH_ADMIN_KEY")
 
@@ -159,6 +175,9 @@ class Settings(BaseSettings):
     @property
     def heartbeat_seconds(self) -> float:
         return self.lease_heartbeat_seconds or self.lease_seconds / 4
+
+    def prompt_in_manifest(self, team: str | None) -> bool:
+        return bool(team) and team in {name.strip() for name in self.c2pa_prompt_teams.split(",")}
 
     @property
     def uses_sqlite(self) -> bool:

@@ -25,7 +25,7 @@ from standardwebhooks import Webhook
 from core import audit
 from core.settings import Settings
 from core.teams import team_settings
-from models import Batch, Item, WebhookDelivery, utcnow
+from models import Batch, Item, TeamSettings, WebhookDelivery, utcnow
 from models.base import as_utc, new_id
 
 BATCH_COMPLETED = "batch.completed"

@@ -130,6 +130,10 @@ class Image(Base):
     qc_verdict: Mapped[str | None] = mapped_column(String(16))
     qc_reasons: Mapped[list[str] | None] = mapped_column(JSONType)
     review_status: Mapped[str | None] = mapped_column(String(16))
+    # Content Credentials (core/credentials.py, core/watermark.py): the watermark's id, how
+    # verification finds this row from pixels alone, and what was signed and marked (or skipped, why).
+    watermark_id: Mapped[str | None] = mapped_column(String(16), index=True)
+    credentials: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
     created_at: Mapped[datetime] = created_at()
 
     item: Mapped[Item] = relationship(back_populates="images", lazy="raise_on_sql")

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import os
 import subprocess
 import sys
 
+import c2pa
 import pytest
 
 from core.settings import REPO_ROOT, TINY_MODEL_DIR
@@ -36,6 +38,11 @@ def test_the_demo_writes_one_png_per_prompt_and_the_same_bytes_twice(tmp_path):
     assert len(rows) == len(prompts) and {row["state"] for row in rows} == {"succeeded"}
     assert [row["external_id"] for row in rows] == [p["external_id"] for p in prompts]
     for row in rows:
-        assert hashlib.sha256((tmp_path / "demo" / row["image_path"]).read_bytes()).hexdigest() == row["sha256"]
+        data = (tmp_path / "demo" / row["image_path"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == row["sha256"]
+        with c2pa.Reader("image/png", io.BytesIO(data)) as reader:  # Content Credentials, as any C2PA tool reads them
+            assert reader.get_validation_state() == "Valid" and "trainedAlgorithmicMedia" in reader.json()
+    # Signed with the untrusted development chain, made on first use.
+    assert (tmp_path / "var" / "credentials" / "signing-key.pem").is_file()
     again = run_demo(env, tmp_path / "again")
     assert [row["sha256"] for row in again] == [row["sha256"] for row in rows]

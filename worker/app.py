@@ -63,6 +63,7 @@ def create_app(settings: Settings | None = None) -> Celery:
         beat_schedule_filename=str(settings.var_dir.resolve() / "celerybeat-schedule"),
     )
     ctx = WorkerContext(settings, celery=app)
+    ctx.sealer  # noqa: B018 - loads the signing key now: a missing one stops the worker at start, not per item
     app.instabatch = ctx  # type: ignore[attr-defined]
 
     @app.task(name=GENERATE_TASK, bind=True, ignore_result=True, shared=False)

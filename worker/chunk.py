@@ -254,7 +254,8 @@ class ChunkRunner:
             "worker": self.worker, "task_id": self.task_id, "attempt": item.attempts,
             "duration_s": round(duration, 4), "sha256": [image.sha256 for image in images],
             "images": [{"image_id": image.id, "index": image.rendered.index, "seed": image.rendered.seed,
-                        "storage_key": image.key, "sha256": image.sha256} for image in images],
+                        "storage_key": image.key, "sha256": image.sha256,
+                        "credentials": image.rendered.credentials} for image in images],
         }
         refine = self.steps.refine_record(batch)
         if refine:

@@ -22,6 +22,7 @@ from core.storage import ObjectStore, make_store
 from qc.checker import QualityChecker
 from qc.screening import ScreeningPolicy, screen_prompt
 from worker.model_runner import ModelRunner
+from worker.sealing import Sealer
 
 log = logging.getLogger(__name__)
 UPLOAD_THREADS = 8
@@ -43,6 +44,7 @@ class WorkerContext:
         self._checker: QualityChecker | None = None
         self._screening: ScreeningPolicy | None = None
         self._uploads: ThreadPoolExecutor | None = None
+        self._sealer: Sealer | None = None
 
     def _this_process(self) -> None:
         if self._pid != os.getpid():
@@ -76,6 +78,15 @@ class WorkerContext:
         if self._model is None:
             self._model = ModelRunner(self.settings)
         return self._model
+
+    @property
+    def sealer(self) -> Sealer:
+        """Content Credentials (worker/sealing.py); the worker app builds it at start, so a missing
+        signing key stops the worker there rather than failing every item."""
+        self._this_process()
+        if self._sealer is None:
+            self._sealer = Sealer(self.settings)
+        return self._sealer
 
     @property
     def quality_checker(self) -> QualityChecker:

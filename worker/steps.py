@@ -22,12 +22,13 @@ from sqlalchemy.orm import Session
 from core import audit, webhooks
 from core.params import GenerationParams
 from core.provenance import encode_png
-from models import Batch, Image, QcResult, Verdict, utcnow
+from models import AuditEvent, Batch, Image, QcResult, Verdict, utcnow
 from models.base import new_id
 from worker import logo
 from worker.context import WorkerContext
 from worker.leases import ClaimedItem
 from worker.records import object_metadata, provenance, storage_key
+from worker.sealing import embedded_watermark_id
 
 log = logging.getLogger(__name__)
 Job = tuple[ClaimedItem, int, int]  # (item, image index, seed)
@@ -40,6 +41,8 @@ class BatchView:
     id: str
     params: dict[str, Any]
     generation_params: GenerationParams
+    team: str | None = None
+    submitted_hash: str | None = None  # the batch.submitted audit event's, linked from each manifest
 
 
 @dataclass
@@ -54,6 +57,7 @@ class RenderedImage:
     png: bytes
     record: dict[str, Any]
     timings: dict[str, float]
+    credentials: dict[str, Any] | None = None  # signed, watermarked or skipped (worker/sealing.py)
 
 
 @dataclass
@@ -84,15 +88,20 @@ class ImageSteps:
     def batch(self, batch_id: str) -> BatchView:
         """The batch's params, and the perceptual hashes of its images so far (for duplicates)."""
         if batch_id not in self._batches:
-            def read(session: Session) -> tuple[dict[str, Any], list[Any]]:
-                params = session.scalar(select(Batch.params).where(Batch.id == batch_id)) or {}
+            def read(session: Session) -> tuple[Any, list[Any]]:
+                row = session.execute(select(Batch.params, Batch.team, AuditEvent.hash).outerjoin(
+                    AuditEvent, (AuditEvent.batch_id == Batch.id) & (AuditEvent.action == "batch.submitted"))
+                    .where(Batch.id == batch_id).limit(1)).first()
                 hashes = session.execute(
                     select(Image.phash, Image.id).where(Image.batch_id == batch_id, Image.phash.is_not(None))
                 ).all()
-                return params, hashes
+                return row, hashes
 
-            params, hashes = self.ctx.in_ledger(read, what="reading the batch")
-            self._batches[batch_id] = BatchView(batch_id, params, GenerationParams.from_batch(params))
+            row, hashes = self.ctx.in_ledger(read, what="reading the batch")
+            params, team, submitted_hash = row if row is not None else ({}, None, None)
+            params = params or {}
+            self._batches[batch_id] = BatchView(batch_id, params, GenerationParams.from_batch(params), team,
+                                                submitted_hash)
             self._known_hashes[batch_id] = {int(phash, 16): image_id for phash, image_id in hashes}
         return self._batches[batch_id]
 
@@ -110,15 +119,19 @@ class ImageSteps:
                        seed=seed, index=index, params=batch.generation_params.canonical(), extra=extra, **identity)
             for item, index, seed in jobs
         ]
-        pngs = [encode_png(picture, record) for picture, record in zip(pictures, records)]
+        marked = [self.ctx.sealer.mark(picture, record) for picture, record in zip(pictures, records)]
+        pngs = [encode_png(picture, record) for (picture, _), record in zip(marked, records)]
+        signed = [self.ctx.sealer.sign(png, "image/png", record, mark, team=batch.team,
+                                       submitted_hash=batch.submitted_hash)
+                  for png, (_, mark), record in zip(pngs, marked, records)]
         stages = {**result.seconds, "encode": time.perf_counter() - began}
         for name, seconds in stages.items():
             self.seconds[name] += seconds
         return [
             RenderedImage(item, index, seed, picture, flag, png, record,
-                          {name: seconds / len(jobs) for name, seconds in stages.items()})
-            for (item, index, seed), picture, flag, png, record
-            in zip(jobs, pictures, result.nsfw_flags, pngs, records)
+                          {name: seconds / len(jobs) for name, seconds in stages.items()}, state)
+            for (item, index, seed), (picture, _), flag, (png, state), record
+            in zip(jobs, marked, result.nsfw_flags, signed, records)
         ]
 
     def store(self, rendered: list[RenderedImage]) -> list[UploadedImage]:
@@ -172,6 +185,7 @@ class ImageSteps:
             model_id=model.model_id, weights_sha256=model.weights_sha256, refine=self.refine_record(batch),
             timings={name: round(value, 6) for name, value in rendered.timings.items()},
             phash=phash, qc_verdict=verdict, qc_reasons=reasons, created_at=utcnow(),
+            watermark_id=embedded_watermark_id(rendered.credentials), credentials=rendered.credentials,
         ))
         if verdict != Verdict.PASS:
             webhooks.enqueue_for_batch(session, webhooks.IMAGE_FLAGGED, batch.id, {

@@ -6,6 +6,7 @@ from typing import Any
 from pydantic import Field
 
 from api.schemas.common import ResponseModel, UtcDatetime
+from api.schemas.verify import CredentialsOut
 
 
 class QcResultOut(ResponseModel):
@@ -47,6 +48,7 @@ class ImageOut(ResponseModel):
     qc_reasons: list[str] | None
     scores: dict[str, dict[str, Any]] = Field(default_factory=dict, description="QC metrics per scorer")
     review_status: str | None
+    credentials: CredentialsOut | None = Field(None, description="C2PA manifest and watermark state")
     created_at: UtcDatetime
 
 

@@ -6,6 +6,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from api.schemas.common import RequestModel, ResponseModel, Text, UtcDatetime
+from api.schemas.verify import CredentialsOut
 from api.schemas.items import ReviewOut
 
 REASON_CODE_PATTERN = r"^[a-z0-9][a-z0-9_.\-]{0,99}$"
@@ -70,6 +71,7 @@ class QueueEntry(ResponseModel):
     parent_url: str | None = None
     twin_image_id: str | None = Field(None, description="the earlier image a near_duplicate resembles")
     twin_url: str | None = None
+    credentials: CredentialsOut | None = Field(None, description="C2PA manifest and watermark state")
     created_at: UtcDatetime
 
 

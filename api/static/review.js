@@ -172,6 +172,16 @@ function metricsTable(entry) {
   return el("table", { class: "metrics" }, el("tbody", {}, ...rows));
 }
 
+// Content Credentials (docs/compliance.md): signed or not, by which chain, watermark or why none.
+function credentialChip(credentials) {
+  if (!credentials) return el("span", { class: "chip credentials missing", text: "no content credentials" });
+  const signed = credentials.signed
+    ? `C2PA signed${credentials.development_chain ? " (untrusted dev chain)" : ""}` : "not signed";
+  const mark = credentials.watermark === "embedded"
+    ? `watermark ${credentials.watermark_id}` : `no watermark: ${credentials.watermark_skipped || "skipped"}`;
+  return el("span", { class: "chip credentials", title: credentials.signer || "", text: `${signed} · ${mark}` });
+}
+
 function reasonSelect(entry) {
   const select = el("select", { class: "reason", "aria-label": "Reason" });
   const flaggedCodes = [...new Set(entry.reasons)];
@@ -208,7 +218,8 @@ function addCard(entry) {
         + `${entry.width}×${entry.height} · ${created} · `, el("code", { text: entry.image_id })),
       el("div", { class: "chips" },
         el("span", { class: `verdict ${entry.verdict}`, text: entry.verdict.toUpperCase() }),
-        ...entry.reasons.map((reason) => el("span", { class: "chip", text: reason }))),
+        ...entry.reasons.map((reason) => el("span", { class: "chip", text: reason })),
+        credentialChip(entry.credentials)),
       metricsTable(entry),
       el("div", { class: "actions" }, select, comment, ...buttons),
       el("div", { class: "outcome", "aria-live": "polite" })));

@@ -1,0 +1,69 @@
+"""Content Credentials in the image steps: the watermark before encoding, the signed manifest after.
+
+``mark`` runs on the decoded picture (the watermark lives in the pixels, so QC and the file see
+the marked picture); ``sign`` runs on the encoded bytes before they are hashed and stored, so the
+ledger's sha256 is the signed file's and the write-once keys do not change. The manifest's time
+and instance id differ per signing: a retried chunk adopts the object already stored, and the
+same prompt, seed, params and key give the same pixels, not the same file (docs/compliance.md,
+"Content Credentials").
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from PIL import Image
+
+from core import credentials, watermark
+from core.settings import Settings
+from worker.version import code_version
+
+SOFTWARE = "InstaBatch"
+# Provenance fields that name the rows rather than decide the pixels: left out of the watermark id,
+# so the same generation in another batch gets the same id (and the same pixels).
+ROW_FIELDS = frozenset({"item_id", "batch_id", "external_id", "index"})
+
+
+class Sealer:
+    """Marks and signs a worker's images with the deployment's (or the team's) signing identity."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.signers = credentials.load_signers(settings)  # raises at worker start, not per item
+
+    def mark(self, picture: Image.Image, record: dict[str, Any]) -> tuple[Image.Image, watermark.Mark]:
+        mark_id = watermark.watermark_id(*(f"{name}={record[name]}" for name in sorted(record)
+                                           if name not in ROW_FIELDS))
+        return watermark.embed(picture, mark_id)
+
+    def sign(self, data: bytes, mime_type: str, record: dict[str, Any], mark: watermark.Mark, *,
+             team: str | None, submitted_hash: str | None) -> tuple[bytes, dict[str, Any]]:
+        """The signed file, and the credential state the image row records."""
+        identity = self.signers.for_team(team)
+        manifest = credentials.manifest_for(
+            title=f"{record['item_id']}-{record['index']}", software=SOFTWARE, version=code_version(),
+            created=self._created(record, team), refined=self._refined(record),
+            ledger={"item_id": record["item_id"], "batch_id": record["batch_id"], "index": record["index"],
+                    "batch_submitted_event_hash": submitted_hash, "watermark": mark.as_record()})
+        signed = credentials.sign(data, mime_type, manifest, identity)
+        state = {"c2pa": {"signed": True, "format": mime_type, "signer": identity.signer,
+                          "development_chain": identity.development, "tsa": bool(identity.tsa_url)},
+                 "watermark": mark.as_record()}
+        return signed, state
+
+    def _created(self, record: dict[str, Any], team: str | None) -> dict[str, Any]:
+        created = {"model": record["model"], "weights_sha256": record["weights_sha256"], "seed": record["seed"],
+                   "params": record["params"]}
+        if self.settings.prompt_in_manifest(team):
+            created["prompt"] = record["prompt"]
+        return created
+
+    @staticmethod
+    def _refined(record: dict[str, Any]) -> dict[str, Any] | None:
+        refined = {name: value for name, value in record.items() if name.startswith("refine")}
+        return refined or None
+
+
+def embedded_watermark_id(state: dict[str, Any] | None) -> str | None:
+    """The id an image's pixels carry; None when its watermark was skipped (too small)."""
+    mark = (state or {}).get("watermark") or {}
+    return mark.get("id") if mark.get("embedded") else None
