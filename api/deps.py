@@ -25,7 +25,7 @@ from typing import Annotated, Any
 import anyio
 import anyio.to_thread
 from anyio.lowlevel import RunVar
-from fastapi import Depends, Request
+from fastapi import Depends, Query, Request
 from prometheus_client import Counter
 from sqlalchemy import Select, event, select
 from sqlalchemy.orm import Session
@@ -238,3 +238,24 @@ def _visible_in_batch(session: Session, principal: Principal, model: Any, row_id
     if row is None or not principal.can_see_team(row[1].team):
         raise not_found(name)
     return row[0], row[1]
+
+
+# Lookup by the submitter's own ids (SKUs) within a batch: ?external_id=sku-1&external_id=sku-2
+
+MAX_EXTERNAL_ID_FILTERS = 100
+
+
+def external_id_filter(
+    external_id: Annotated[list[str] | None, Query(
+        max_length=200, description=f"items with these external ids; repeatable, at most {MAX_EXTERNAL_ID_FILTERS}",
+    )] = None,
+) -> list[str]:
+    values = external_id or []
+    if len(values) > MAX_EXTERNAL_ID_FILTERS:
+        raise APIError(422, "the request is not valid", details=[{
+            "field": "query.external_id", "loc": ["query", "external_id"],
+            "message": f"at most {MAX_EXTERNAL_ID_FILTERS} values", "type": "value_error"}])
+    return values
+
+
+ExternalIdsDep = Annotated[list[str], Depends(external_id_filter)]

@@ -125,7 +125,8 @@ def page_batches(session: Session, principal: Principal, *, limit: int, cursor: 
 # Items and images
 
 def page_items(session: Session, batch: Batch, *, limit: int, base_url: str, cursor: str | None = None,
-               states: Sequence[str] = (), verdicts: Sequence[str] = ()) -> ItemPage:
+               states: Sequence[str] = (), verdicts: Sequence[str] = (),
+               external_ids: Sequence[str] = ()) -> ItemPage:
     """Items in submission order (seq); a verdict filter keeps items with an image of that verdict."""
     query = select(Item).where(Item.batch_id == batch.id)
     if cursor:
@@ -135,6 +136,8 @@ def page_items(session: Session, batch: Batch, *, limit: int, base_url: str, cur
         query = query.where(Item.seq > int(position))
     if states:
         query = query.where(Item.state.in_(states))
+    if external_ids:
+        query = query.where(Item.external_id.in_(external_ids))
     if verdicts:
         query = query.where(exists().where(Image.item_id == Item.id, Image.qc_verdict.in_(verdicts)))
     rows = list(session.scalars(query.order_by(Item.seq).limit(limit + 1)))

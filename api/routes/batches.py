@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from api import queries
-from api.deps import ReaderDep, SessionDep, SubmitterDep, visible_batch
+from api.deps import ExternalIdsDep, ReaderDep, SessionDep, SubmitterDep, visible_batch
 from api.errors import APIError
 from api.intake import CSV_COLUMNS, CSV_QUERY_FIELDS, parse_batch_request
 from api.metrics import BATCHES_SUBMITTED, ITEMS_SUBMITTED
@@ -155,11 +155,13 @@ def list_items(
     verdict: Annotated[list[Verdict] | None, Query(description="items with an image of this QC verdict")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
     cursor: Annotated[str | None, Query(max_length=200)] = None,
+    external_ids: ExternalIdsDep = (),
 ) -> ItemPage:
     batch = visible_batch(session, principal, batch_id)
     return queries.page_items(
         session, batch, limit=limit, cursor=cursor, base_url=str(request.base_url),
         states=[s.value for s in state or ()], verdicts=[v.value for v in verdict or ()],
+        external_ids=external_ids,
     )
 
 
