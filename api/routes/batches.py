@@ -1,6 +1,7 @@
 """Batches: submit (JSON or CSV), list, read, items, cancel, retry."""
 from __future__ import annotations
 
+import email.message
 import re
 from typing import Annotated
 
@@ -44,20 +45,24 @@ IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,200}$")  # printable ASCII, no spa
 ERROR_RESPONSES = {code: {"description": text} for code, text in {
     400: "malformed JSON or CSV", 401: "no valid API key", 403: "role may not do this",
     404: "no such batch (or another team's)", 409: "Idempotency-Key reused with another body, or nothing to cancel",
-    413: "body larger than MAX_BODY_BYTES", 415: "neither JSON nor CSV", 422: "invalid fields",
+    413: "body larger than MAX_BODY_BYTES", 415: "not JSON, CSV or JSON Lines", 422: "invalid fields",
 }.items()}
 BATCH_REQUEST_BODY = {
     "requestBody": {
         "required": True,
         "description": (
             "The batch as JSON, or a CSV with a header naming some of "
-            f"{', '.join(CSV_COLUMNS)} ('prompt' required); a CSV upload takes the other fields as "
-            f"query parameters: {', '.join(CSV_QUERY_FIELDS)} (name required)."
+            f"{', '.join(CSV_COLUMNS)} ('prompt' required; separator ',' ';' or tab, sniffed), or JSON Lines "
+            "of item objects; CSV and JSON Lines uploads take the other fields as "
+            f"query parameters: {', '.join(CSV_QUERY_FIELDS)}. Without a name, the batch is named after the "
+            "upload's Content-Disposition filename, else the date."
         ),
         "content": {
             "application/json": {"schema": {"$ref": "#/components/schemas/BatchCreate"}},
             "text/csv": {"schema": {"type": "string"},
                          "example": "prompt,external_id,seed\na red ceramic mug on a white table,sku-1,42\n"},
+            "application/x-ndjson": {"schema": {"type": "string"},
+                                     "example": '{"prompt": "a red ceramic mug", "external_id": "sku-1"}\n'},
         },
     }
 }
@@ -67,8 +72,18 @@ async def batch_request(request: Request) -> BatchCreate:
     """The submitted batch, parsed off the event loop (a 20 MB body takes a moment)."""
     body = await request.body()
     return await run_in_threadpool(
-        parse_batch_request, request.headers.get("content-type"), body, request.query_params
+        parse_batch_request, request.headers.get("content-type"), body, request.query_params,
+        upload_filename(request.headers.get("content-disposition")),
     )
+
+
+def upload_filename(content_disposition: str | None) -> str | None:
+    """``attachment; filename="spring.csv"`` -> ``spring.csv`` (the default batch name's source)."""
+    if not content_disposition:
+        return None
+    message = email.message.Message()
+    message["content-disposition"] = content_disposition
+    return message.get_filename()
 
 
 def idempotency_key(key: Annotated[str | None, Header(alias="Idempotency-Key")] = None) -> str | None:
