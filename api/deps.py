@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from typing import Annotated, Any
 
@@ -145,6 +146,10 @@ def unauthorized(message: str) -> APIError:
 
 def current_principal(request: Request, session: SessionDep) -> Principal:
     """The principal of ``Authorization: Bearer <key>``; 401 for a missing, unknown or revoked key."""
+    return authenticate(request, session)
+
+
+def authenticate(request: Request, session: Session) -> Principal:
     header = request.headers.get("authorization")
     if not header:
         raise unauthorized("missing Authorization: Bearer <api key>")
@@ -157,6 +162,23 @@ def current_principal(request: Request, session: SessionDep) -> Principal:
         raise unauthorized("unknown or revoked API key")
     request.state.principal = principal
     return principal
+
+
+# A long-lived stream (server-sent events) must not hold a database permit while it waits between
+# reads, or a handful of open progress bars would take the API's whole capacity: it takes a permit
+# for each read instead.
+short_permit = asynccontextmanager(db_permit)
+
+
+async def in_short_session(work: Callable[[Session], Any]) -> Any:
+    """Run ``work(session)`` in a thread with a permit and a session of its own, both let go after."""
+    async with short_permit():
+        return await anyio.to_thread.run_sync(_with_session, work)
+
+
+def _with_session(work: Callable[[Session], Any]) -> Any:
+    with session_factory(get_engine())() as session:
+        return work(session)
 
 
 PrincipalDep = Annotated[Principal, Depends(current_principal)]

@@ -23,12 +23,13 @@ from api.schemas import (
     ItemPage,
 )
 from api.schemas.batches import progress_of
+from api.schemas.results import ProgressEvent
 from api.schemas.review import Finding, QueueEntry
 from api.signing import object_url
 from core import ledger
 from core.keys import Principal
 from core.review import review_counts
-from models import Batch, BatchStatus, Image, Item, QcResult, Review, Verdict
+from models import Batch, BatchStatus, Image, Item, ItemState, QcResult, Review, Verdict
 
 TERMINAL_STATUSES = {BatchStatus.SUCCEEDED, BatchStatus.COMPLETED_WITH_ERRORS, BatchStatus.CANCELLED}
 VERDICT_SEVERITY = {Verdict.PASS: 0, Verdict.REVIEW: 1, Verdict.REJECT: 2}
@@ -97,6 +98,18 @@ def _last_finished(session: Session, batch_ids: list[str]) -> dict[str, object]:
 
 def batch_view(session: Session, batch: Batch) -> BatchOut:
     return batch_views(session, [batch])[0]
+
+
+def progress_event(session: Session, batch_id: str) -> ProgressEvent:
+    """A batch's progress as its events stream pushes it: counts per state, verdicts, decisions."""
+    view = batch_view(session, session.get(Batch, batch_id))
+    review = view.review.model_dump(by_alias=True)
+    return ProgressEvent(
+        batch_id=view.id, status=view.status, total_items=view.total_items,
+        done_items=sum(view.counts.get(state, 0) for state in ItemState.finished()), counts=view.counts,
+        review=review, awaiting_review=review.get("awaiting_review", 0),
+        finished=view.status in TERMINAL_STATUSES,
+    )
 
 
 def page_batches(session: Session, principal: Principal, *, limit: int, cursor: str | None = None,

@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
-from sqlalchemy import select
+from sqlalchemy import or_, select
 from zipstream import ZipStream
 
 from api.schemas.results import RESULT_COLUMNS, ResultRow
@@ -34,7 +34,8 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 @dataclass(frozen=True)
 class ResultFilter:
-    """Which rows: item states, image QC verdicts, review decisions, external ids (empty = all)."""
+    """Which rows: item states, external ids, and images whose QC verdict is one of ``verdicts`` or
+    whose review decision is one of ``decisions`` (empty = all)."""
 
     states: Sequence[str] = ()
     verdicts: Sequence[str] = ()
@@ -104,10 +105,11 @@ def _images_of(session, item_ids: list[str], filters: ResultFilter) -> dict[str,
     if not item_ids:
         return {}
     query = select(Image).where(Image.item_id.in_(item_ids))
-    if filters.verdicts:
-        query = query.where(Image.qc_verdict.in_(filters.verdicts))
-    if filters.decisions:
-        query = query.where(Image.review_status.in_(filters.decisions))
+    # Either matches: ?verdict=pass&decision=approved is what can ship (QC passed, or a reviewer approved).
+    wanted = ([Image.qc_verdict.in_(filters.verdicts)] if filters.verdicts else []) + (
+        [Image.review_status.in_(filters.decisions)] if filters.decisions else [])
+    if wanted:
+        query = query.where(or_(*wanted))
     images: dict[str, list[Image]] = {}
     for image in session.scalars(query.order_by(Image.item_id, Image.index, Image.created_at, Image.id)):
         images.setdefault(image.item_id, []).append(image)

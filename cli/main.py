@@ -1,6 +1,8 @@
 """The ``instabatch`` command.
 
     instabatch run FILE --out DIR      a prompt file -> images + results.csv, on the embedded defaults
+    instabatch submit FILE --api URL   the same against a remote API (--wait, --download DIR)
+    instabatch batches list|show|...   batches on a remote API
     instabatch serve / worker / beat   the API, a Celery worker (one per GPU), the sweeper's scheduler
     instabatch db upgrade              migrate the ledger
     instabatch keys create|revoke|list API keys
@@ -25,6 +27,8 @@ from rich.console import Console
 
 from cli.audit import audit_app, cli_actor
 from cli.provenance import provenance
+from cli.remote import batches_app
+from cli.remote import submit as submit_command
 
 app = typer.Typer(help="InstaBatch: bulk product images with one-step InstaFlow generation.",
                   no_args_is_help=True, pretty_exceptions_show_locals=False)
@@ -40,6 +44,8 @@ app.add_typer(train_app, name="train")
 app.add_typer(eval_app, name="eval")
 app.add_typer(audit_app, name="audit")
 app.command("provenance")(provenance)
+app.command("submit")(submit_command)
+app.add_typer(batches_app, name="batches")
 
 console = Console()
 PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}

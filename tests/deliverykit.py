@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import io
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -74,3 +77,27 @@ def seed_delivered(team: str, n: int, *, verdicts: Sequence[str] = ("pass",), de
             session.execute(update(Item).where(Item.id.in_(failed))
                             .values(state=ItemState.FAILED.value, attempts=3, error="test: no image"))
     return Delivered(batch_id, {row["storage_key"]: row["sha256"] for row in rows}, [s.external_id for s in specs])
+
+
+@contextmanager
+def served_api() -> Iterator[str]:
+    """The app under a real uvicorn on a loopback port, in a thread of this process (so it shares
+    the test's settings); yields its base URL."""
+    import uvicorn
+
+    from api.main import create_app
+    from tests.fixtures.services import free_port
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(15)

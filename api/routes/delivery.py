@@ -1,13 +1,20 @@
-"""Delivery: a batch's results file and zip archive, streamed (docs/architecture.md, "Delivery")."""
+"""Delivery: a batch's results file and zip archive, streamed; its progress as server-sent events
+(docs/architecture.md, "Delivery")."""
 from __future__ import annotations
 
 from enum import StrEnum
 from typing import Annotated
 
+from collections.abc import AsyncIterator
+
+import anyio
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
+from sqlalchemy.orm import Session
+from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from api.deps import ExternalIdsDep, ReaderDep, SessionDep, visible_batch
+from api import queries
+from api.deps import ExternalIdsDep, ReaderDep, SessionDep, authenticate, in_short_session, visible_batch
 from api.results import ResultFilter, archive_stream, csv_stream, jsonl_stream, result_pages
 from api.routes.batches import ERROR_RESPONSES
 from core.storage import get_store
@@ -24,7 +31,9 @@ class ResultFormat(StrEnum):
 MEDIA_TYPES = {ResultFormat.CSV: "text/csv; charset=utf-8", ResultFormat.JSONL: "application/x-ndjson"}
 StateFilter = Annotated[list[ItemState] | None, Query(description="item states; repeatable")]
 VerdictFilter = Annotated[list[Verdict] | None, Query(description="images of these QC verdicts; repeatable")]
-DecisionFilter = Annotated[list[ReviewDecision] | None, Query(description="images with these review decisions")]
+DecisionFilter = Annotated[list[ReviewDecision] | None, Query(
+    description="images with these review decisions; with verdict, either matches (verdict=pass&decision=approved: "
+                "what can ship)")]
 
 
 def result_filter(external_ids: ExternalIdsDep, state: StateFilter = None, verdict: VerdictFilter = None,
@@ -69,3 +78,43 @@ def batch_archive(
     pages = result_pages(batch.id, filters, base_url=None)
     return StreamingResponse(archive_stream(pages, get_store()), media_type="application/zip", headers={
         "Content-Disposition": f'attachment; filename="batch-{batch.id}.zip"', "Cache-Control": "no-store"})
+
+
+# -- progress, pushed ----------------------------------------------------------------------
+
+PING_SECONDS = 15  # a comment line now and then keeps proxies from closing a quiet stream
+
+
+@router.get(
+    "/{batch_id}/events", response_class=EventSourceResponse,
+    responses={**ERROR_RESPONSES, 200: {"content": {"text/event-stream": {}}, "description": (
+        "`progress` events (ProgressEvent JSON) whenever the counts change, then one `completed` event when "
+        "every item has ended (unless until_complete=false)")}},
+    summary="The batch's progress as server-sent events: counts per state, QC verdicts, review decisions",
+)
+async def batch_events(
+    batch_id: str, request: Request,
+    interval: Annotated[float, Query(ge=0.2, le=60, description="seconds between reads of the ledger")] = 1.0,
+    until_complete: Annotated[bool, Query(description="end the stream when the batch completes (false: keep "
+                                                      "pushing review counts)")] = True,
+) -> EventSourceResponse:
+    # No SessionDep: that would hold a database permit for the whole stream (see api/deps.py).
+    def check(session: Session) -> str:
+        return visible_batch(session, authenticate(request, session), batch_id).id
+
+    await in_short_session(check)  # 401 / 404 before the stream starts
+    return EventSourceResponse(progress_stream(batch_id, interval, until_complete), ping=PING_SECONDS,
+                               headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+
+
+async def progress_stream(batch_id: str, interval: float, until_complete: bool) -> AsyncIterator[ServerSentEvent]:
+    last = None
+    while True:
+        event = await in_short_session(lambda session: queries.progress_event(session, batch_id))
+        if event != last:
+            yield ServerSentEvent(event.model_dump_json(), event="progress")
+            last = event
+        if event.finished and until_complete:
+            yield ServerSentEvent(event.model_dump_json(), event="completed")
+            return
+        await anyio.sleep(interval)
