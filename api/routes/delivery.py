@@ -9,14 +9,16 @@ from collections.abc import AsyncIterator
 
 import anyio
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import HTMLResponse, StreamingResponse
 from sqlalchemy.orm import Session
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from api import queries
 from api.deps import ExternalIdsDep, ReaderDep, SessionDep, authenticate, in_short_session, visible_batch
+from api.report import batch_report, report_html
 from api.results import ResultFilter, archive_stream, csv_stream, jsonl_stream, result_pages
 from api.routes.batches import ERROR_RESPONSES
+from api.schemas.results import BatchReport
 from core.storage import get_store
 from models import ItemState, ReviewDecision, Verdict
 
@@ -118,3 +120,26 @@ async def progress_stream(batch_id: str, interval: float, until_complete: bool) 
             yield ServerSentEvent(event.model_dump_json(), event="completed")
             return
         await anyio.sleep(interval)
+
+
+# -- the generation record -------------------------------------------------------------------
+
+# Self-contained and printable: no script, its style inline, nothing loaded from elsewhere.
+REPORT_CSP = "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+
+
+@router.get("/{batch_id}/report.json", response_model=BatchReport, responses=ERROR_RESPONSES,
+            summary="The batch's generation record: submitter, models and code, parameters, outcome, reviewers, "
+                    "audit range and anchor")
+def batch_report_json(batch_id: str, session: SessionDep, principal: ReaderDep) -> BatchReport:
+    return batch_report(session, get_store(), visible_batch(session, principal, batch_id))
+
+
+@router.get("/{batch_id}/report", response_class=HTMLResponse,
+            responses={**ERROR_RESPONSES, 200: {"content": {"text/html": {}}}},
+            summary="The batch's generation record as a printable HTML page")
+def batch_report_page(batch_id: str, session: SessionDep, principal: ReaderDep) -> HTMLResponse:
+    report = batch_report(session, get_store(), visible_batch(session, principal, batch_id))
+    return HTMLResponse(report_html(report), headers={
+        "Content-Security-Policy": REPORT_CSP, "X-Content-Type-Options": "nosniff", "Cache-Control": "no-store",
+        "Content-Disposition": f'inline; filename="batch-{batch_id}-report.html"'})
