@@ -21,7 +21,7 @@ from sqlalchemy import insert, select, update
 from core import ledger
 from core.db import session_scope
 from core.storage import ObjectStore, get_store
-from models import Image, Item, ItemState
+from models import Image, Item, ItemState, utcnow
 from models.base import new_id
 
 UPLOAD_THREADS = 8
@@ -72,10 +72,11 @@ def seed_delivered(team: str, n: int, *, verdicts: Sequence[str] = ("pass",), de
         for start in range(0, len(rows), 1000):
             session.execute(insert(Image), rows[start:start + 1000])
         session.execute(update(Item).where(Item.batch_id == batch_id, Item.id.not_in(failed))
-                        .values(state=ItemState.SUCCEEDED.value, attempts=1))
+                        .values(state=ItemState.SUCCEEDED.value, attempts=1, finished_at=utcnow()))
         if failed:
             session.execute(update(Item).where(Item.id.in_(failed))
-                            .values(state=ItemState.FAILED.value, attempts=3, error="test: no image"))
+                            .values(state=ItemState.FAILED.value, attempts=3, error="test: no image",
+                                    finished_at=utcnow()))
     return Delivered(batch_id, {row["storage_key"]: row["sha256"] for row in rows}, [s.external_id for s in specs])
 
 
