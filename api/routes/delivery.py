@@ -5,6 +5,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Annotated
 
+import time
 from collections.abc import AsyncIterator
 
 import anyio
@@ -99,19 +100,24 @@ async def batch_events(
     interval: Annotated[float, Query(ge=0.2, le=60, description="seconds between reads of the ledger")] = 1.0,
     until_complete: Annotated[bool, Query(description="end the stream when the batch completes (false: keep "
                                                       "pushing review counts)")] = True,
+    max_seconds: Annotated[float, Query(ge=0.5, le=86_400, description="end the stream after this long; a client "
+                                                                      "reconnects (proxies cut long streams anyway)")]
+    = 3600,
 ) -> EventSourceResponse:
     # No SessionDep: that would hold a database permit for the whole stream (see api/deps.py).
     def check(session: Session) -> str:
         return visible_batch(session, authenticate(request, session), batch_id).id
 
     await in_short_session(check)  # 401 / 404 before the stream starts
-    return EventSourceResponse(progress_stream(batch_id, interval, until_complete), ping=PING_SECONDS,
+    deadline = time.monotonic() + max_seconds
+    return EventSourceResponse(progress_stream(batch_id, interval, until_complete, deadline), ping=PING_SECONDS,
                                headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
 
-async def progress_stream(batch_id: str, interval: float, until_complete: bool) -> AsyncIterator[ServerSentEvent]:
+async def progress_stream(batch_id: str, interval: float, until_complete: bool,
+                          deadline: float) -> AsyncIterator[ServerSentEvent]:
     last = None
-    while True:
+    while time.monotonic() < deadline:
         event = await in_short_session(lambda session: queries.progress_event(session, batch_id))
         if event != last:
             yield ServerSentEvent(event.model_dump_json(), event="progress")
