@@ -1,7 +1,8 @@
 """The generation record of one batch, for compliance: who submitted it and when, which model and
 refiner (weights sha256) and code made its images, its parameters and outcome, each reviewer's
 decisions, and where its audit events sit in the hash chain with the anchor that covers them
-(docs/architecture.md, "Delivery"). Read-only: ``GET /v1/batches/{id}/report`` and ``.json``."""
+(docs/architecture.md, "Results out, progress pushed, the remote client").
+Read-only: ``GET /v1/batches/{id}/report`` and ``.json``."""
 from __future__ import annotations
 
 import json

@@ -4,7 +4,7 @@ A 10,000-item batch never sits in memory at once: each page of items is read in 
 session (keyset on ``items.seq``), turned into rows and written out before the next page is read.
 The archive is built by zipstream-ng as the bytes go out (stored, not deflated: PNGs are already
 compressed); each image is fetched from the store when its turn comes and checked against the
-ledger's sha256 (docs/architecture.md, "Delivery").
+ledger's sha256 (docs/architecture.md, "Results out, progress pushed, the remote client").
 """
 from __future__ import annotations
 

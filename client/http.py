@@ -2,7 +2,8 @@
 
 Network trouble is expected, not fatal: requests that are safe to repeat are retried with backoff
 (a submission is safe too, because it carries an ``Idempotency-Key``), the progress stream
-reconnects, and a download keeps every file it already verified (docs/architecture.md, "Delivery").
+reconnects, and a download keeps every file it already verified
+(docs/architecture.md, "Results out, progress pushed, the remote client").
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Delivery: a batch's results file and zip archive, streamed; its progress as server-sent events
-(docs/architecture.md, "Delivery")."""
+(docs/architecture.md, "Results out, progress pushed, the remote client")."""
 from __future__ import annotations
 
 from enum import StrEnum
