@@ -138,3 +138,14 @@ def test_batches_list_show_cancel_retry_from_the_cli(remote, tmp_path):
     assert retried.exit_code == 0 and "requeued=0" in retried.output
     missing = runner.invoke(app, ["batches", "show", "00000000-0000-0000-0000-000000000000"], env=env)
     assert missing.exit_code == 2 and "404" in missing.output
+
+
+def test_a_download_of_what_can_ship_takes_passed_or_approved_images_only(remote, tmp_path):
+    url, keys = remote
+    seeded = seed_delivered(TEAM, 6, verdicts=("pass", "review", "review"),
+                            decisions=(None, "approved", "rejected"))
+    with InstaBatchClient(url, keys["submitter"]) as client:
+        summary = client.download(seeded.batch_id, tmp_path, verdict=["pass"], decision=["approved"])
+    names = sorted(path.name for path in (tmp_path / "images").iterdir())
+    assert names == ["sku-00000.png", "sku-00001.png", "sku-00003.png", "sku-00004.png"]
+    assert (summary.rows, summary.fetched) == (4, 4)

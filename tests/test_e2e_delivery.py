@@ -1,15 +1,19 @@
 """Done when (issue 13), on the real stack: PostgreSQL, Redis, a Celery worker, S3 (moto over HTTP)
 and the API under uvicorn. A CSV submitted with ``instabatch submit --wait --download`` (a separate
 process that knows only the API's URL and a key) comes back as a folder whose manifest lists every
-image with a matching sha256; a download interrupted midway resumes without refetching."""
+image with a matching sha256; a Ctrl-C while waiting and a download interrupted midway both resume
+with the same command, on the same batch, without refetching what is there."""
 from __future__ import annotations
 
 import csv
 import hashlib
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 import redis
@@ -24,13 +28,17 @@ ITEMS = 8
 pytestmark = pytest.mark.slow
 
 
-def instabatch(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    """The CLI as a user runs it: its own process, nothing in its environment but the shell's."""
+def cli_env() -> dict[str, str]:
+    """Nothing in the CLI's environment but the shell's: it knows only the API's URL and a key."""
     env = {name: value for name, value in os.environ.items()
            if not name.startswith(("DATABASE_", "BROKER_", "S3_", "INSTABATCH_", "AWS_"))}
-    env["COLUMNS"] = "200"
-    return subprocess.run([sys.executable, "-m", "cli.main", *args], cwd=REPO_ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return {**env, "COLUMNS": "200", "PYTHONUNBUFFERED": "1"}
+
+
+def instabatch(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """The CLI as a user runs it, in its own process."""
+    return subprocess.run([sys.executable, "-m", "cli.main", *args], cwd=REPO_ROOT, env=cli_env(),
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def result_line(output: str) -> dict[str, str]:
@@ -49,11 +57,25 @@ def test_a_csv_comes_back_as_a_verified_folder_and_a_broken_download_resumes(
         f'"a ceramic mug, colour {i}\r\nproduct photo";mug-{i};{100 + i}\r\n' for i in range(ITEMS)).encode())
     out = tmp_path / "delivered"
 
+    with served_api() as url:
+        # No worker yet: the batch waits in the queue, and the user presses Ctrl-C.
+        waiting = subprocess.Popen(
+            [sys.executable, "-m", "cli.main", "submit", str(products), "--api", url, "--key", keys["submitter"],
+             "--width", "64", "--height", "64", "--wait"], cwd=REPO_ROOT, env=cli_env(), stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True)
+        first_line = _read_line(waiting, timeout=120)
+        assert "(new)" in first_line, first_line
+        time.sleep(1.0)  # following the event stream now
+        waiting.send_signal(signal.SIGINT)
+        rest = waiting.communicate(timeout=60)[0]
+        assert waiting.returncode == 130 and "run the same command again to resume" in rest, rest
+
     with served_api() as url, running_worker(stack):
         done = instabatch("submit", str(products), "--api", url, "--key", keys["submitter"], "--width", "64",
                           "--height", "64", "--wait", "--download", str(out))
         assert done.returncode == 0, done.stdout + done.stderr
-        assert "spring-mugs" in done.stdout and "succeeded" in done.stdout
+        assert "spring-mugs" in done.stdout and "(resumed)" in done.stdout and "succeeded" in done.stdout
+        assert _batch_id(done.stdout) == _batch_id(first_line)
         figures = result_line(done.stdout)
         assert (figures["download_images"], figures["download_fetched"]) == (str(ITEMS), str(ITEMS))
 
@@ -89,3 +111,15 @@ def test_a_csv_comes_back_as_a_verified_folder_and_a_broken_download_resumes(
 
 def _batch_id(output: str) -> str:
     return re.search(r"batch ([0-9a-f-]{36})", output).group(1)
+
+
+def _read_line(process: subprocess.Popen, timeout: float) -> str:
+    """The process's first line of output, or a failure (not a hang) if none comes in time."""
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.append(process.stdout.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout)
+    if not lines:
+        process.kill()
+        raise AssertionError(f"no output from the CLI within {timeout}s")
+    return lines[0]
