@@ -11,6 +11,7 @@ import csv
 import hashlib
 import json
 import os
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,8 @@ RETRY_STATUSES = {502, 503, 504}
 MANIFEST = "manifest.csv"
 RESULTS = "results.jsonl"
 CHUNK = 1 << 16
+STREAM_SILENCE_SECONDS = 60.0
+RECONNECT_SECONDS = 1.0
 
 
 class ApiError(RuntimeError):
@@ -136,8 +139,9 @@ class InstaBatchClient:
     def events(self, batch_id: str, *, interval: float = 1.0) -> Iterator[ProgressEvent]:
         """The batch's progress events until it completes (one connection; see :meth:`wait`)."""
         params = {"interval": interval}
+        # The API sends a ping every 15 s: a minute of silence is a dead connection.
         with connect_sse(self.http, "GET", f"/v1/batches/{batch_id}/events", params=params,
-                         timeout=httpx.Timeout(self.http.timeout.connect, read=None)) as source:
+                         timeout=httpx.Timeout(self.http.timeout.connect, read=STREAM_SILENCE_SECONDS)) as source:
             _checked(source.response)
             for event in source.iter_sse():
                 if event.event in ("progress", "completed"):
@@ -147,15 +151,23 @@ class InstaBatchClient:
 
     def wait(self, batch_id: str, *, on_progress: Callable[[ProgressEvent], None] | None = None,
              interval: float = 1.0) -> ProgressEvent:
-        """Follow the events until the batch completes, reconnecting after a dropped connection."""
+        """Follow the events until the batch completes, reconnecting after a dropped connection
+        (for ``retry_seconds`` without a single event before giving up)."""
         last: ProgressEvent | None = None
+        failing_since: float | None = None
         while last is None or not last.finished:
-            for attempt in self._retrying():
-                with attempt:
-                    for event in self.events(batch_id, interval=interval):
-                        last = event
-                        if on_progress:
-                            on_progress(event)
+            try:
+                for event in self.events(batch_id, interval=interval):
+                    last, failing_since = event, None
+                    if on_progress:
+                        on_progress(event)
+            except (httpx.TransportError, ApiError) as error:
+                if not _retryable(error):
+                    raise
+                failing_since = failing_since or time.monotonic()
+                if time.monotonic() - failing_since > self.retry_seconds:
+                    raise
+                time.sleep(RECONNECT_SECONDS)
         return last
 
     # -- results -------------------------------------------------------------------------

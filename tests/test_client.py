@@ -54,6 +54,15 @@ def test_events_push_progress_until_the_batch_completes(remote):
     assert events[-1].review["pass"] == 4
 
 
+def test_waiting_reconnects_after_dropped_connections(remote):
+    url, keys = remote
+    seeded = seed_delivered(TEAM, 3)
+    seen = []
+    with InstaBatchClient(url, keys["submitter"], transport=FlakyTransport(3)) as client:
+        final = client.wait(seeded.batch_id, on_progress=seen.append)
+    assert final.finished and final.done_items == 3 and seen[-1] == final
+
+
 def test_events_are_scoped_and_authenticated(remote):
     url, keys = remote
     seeded = seed_delivered(TEAM, 1)
