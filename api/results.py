@@ -3,8 +3,8 @@
 A 10,000-item batch never sits in memory at once: each page of items is read in its own short
 session (keyset on ``items.seq``), turned into rows and written out before the next page is read.
 The archive is built by zipstream-ng as the bytes go out (stored, not deflated: PNGs are already
-compressed); each image is fetched from the store when its turn comes and checked against the
-ledger's sha256 (docs/architecture.md, "Results out, progress pushed, the remote client").
+compressed); images are fetched from the store a few at a time, just before they are written, and
+checked against the ledger's sha256 (docs/architecture.md, "Results out, progress pushed, the remote client").
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import hashlib
 import io
 import re
 import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import BinaryIO
@@ -27,6 +28,7 @@ from core.storage import ObjectStore
 from models import Image, Item
 
 PAGE_ITEMS = 500
+FETCH_AHEAD = 8  # objects fetched at once for the archive
 MANIFEST_NAME = "manifest.csv"
 IMAGES_DIR = "images"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -162,29 +164,38 @@ class ArchiveError(RuntimeError):
 def archive_stream(pages: Iterator[list[ResultRow]], store: ObjectStore) -> Iterator[bytes]:
     """``images/<external id>.png`` for every image row, then ``manifest.csv`` (with each file's size).
 
-    Images are added one page at a time and written out before the next page is read; the
+    Images are fetched ``FETCH_AHEAD`` at a time in threads (an S3 GET is mostly waiting) and
+    written out before the next ones are asked for, so at most that many sit in memory; the
     manifest collects in a spooled temporary file (on disk past 1 MB), added last.
     """
     archive = ZipStream(sized=False)
-    with tempfile.SpooledTemporaryFile(max_size=1 << 20) as manifest:
+    with tempfile.SpooledTemporaryFile(max_size=1 << 20) as manifest, \
+            ThreadPoolExecutor(FETCH_AHEAD, thread_name_prefix="archive") as pool:
         manifest.write(_csv_lines([list(RESULT_COLUMNS)]))
         for rows in pages:
-            for row in rows:
-                if row.object_key and row.file_name:
-                    archive.add(_checked_object(store, row, manifest), row.file_name)
-                else:
-                    manifest.write(_csv_lines([row.csv_cells()]))
-            yield from archive.all_files()
+            manifest.writelines(_csv_lines([row.csv_cells()]) for row in rows if not row.object_key)
+            images = [row for row in rows if row.object_key and row.file_name]
+            for start in range(0, len(images), FETCH_AHEAD):
+                batch = images[start:start + FETCH_AHEAD]
+                fetches = [pool.submit(_checked_object, store, row) for row in batch]
+                for row, fetch in zip(batch, fetches):
+                    archive.add(_written(fetch, row, manifest), row.file_name)
+                yield from archive.all_files()
         manifest.seek(0)
         archive.add(_read_chunks(manifest), MANIFEST_NAME)
         yield from archive.finalize()
 
 
-def _checked_object(store: ObjectStore, row: ResultRow, manifest: BinaryIO) -> Iterator[bytes]:
+def _checked_object(store: ObjectStore, row: ResultRow) -> bytes:
     data = store.get(row.object_key)
     digest = hashlib.sha256(data).hexdigest()
     if digest != row.sha256:
         raise ArchiveError(f"{row.object_key}: stored sha256 {digest}, the ledger says {row.sha256}")
+    return data
+
+
+def _written(fetch: Future[bytes], row: ResultRow, manifest: BinaryIO) -> Iterator[bytes]:
+    data = fetch.result()
     manifest.write(_csv_lines([row.model_copy(update={"bytes": len(data)}).csv_cells()]))
     yield data
 

@@ -114,3 +114,18 @@ def test_results_are_scoped_to_the_team_and_validated(api):
     assert bad.status_code == 422 and bad.json()["error"]["code"] == "validation_error"
     assert api.get("submitter", f"/v1/batches/{seeded.batch_id}/results", params={"format": "xml"}).status_code == 422
     assert api.get("auditor", f"/v1/batches/{seeded.batch_id}/results").status_code == 200
+
+
+def test_an_object_that_does_not_match_its_sha256_stops_the_archive(api):
+    from sqlalchemy import update
+
+    from api.results import ArchiveError
+    from core.db import session_scope
+    from models import Image
+
+    seeded = seed_delivered(api.team, 3)
+    with session_scope() as session:
+        session.execute(update(Image).where(Image.batch_id == seeded.batch_id,
+                                            Image.storage_key == sorted(seeded.sha256)[1]).values(sha256="0" * 64))
+    with pytest.raises(ArchiveError, match="the ledger says 0000"):
+        api.get("submitter", f"/v1/batches/{seeded.batch_id}/archive.zip")
