@@ -64,6 +64,9 @@ def submit(
             if error.details:
                 console.print(json.dumps(error.details, indent=2, default=str), highlight=False)
             raise typer.Exit(EXIT_API_ERROR) from None
+        except ValueError as error:
+            console.print(f"[red]error:[/] {error}", highlight=False)
+            raise typer.Exit(EXIT_API_ERROR) from None
         except KeyboardInterrupt:
             console.print("[yellow]interrupted: run the same command again to resume (same batch, kept files)[/]")
             raise typer.Exit(EXIT_INTERRUPTED) from None

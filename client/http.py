@@ -110,6 +110,8 @@ class InstaBatchClient:
         body = path.read_bytes()
         content_type = CONTENT_TYPES.get(path.suffix.lower(), "text/csv")
         fields = {name: value for name, value in (fields or {}).items() if value is not None}
+        if fields and content_type == "application/json":
+            raise ValueError(f"{path.name} is a JSON batch: put {', '.join(sorted(fields))} in the file itself")
         key = idempotency_key or idempotency_key_for(body, {"fields": fields, "type": content_type})
         headers = {"Content-Type": content_type, "Idempotency-Key": key,
                    "Content-Disposition": f'attachment; filename="{_header_safe(path.name)}"'}

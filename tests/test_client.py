@@ -147,6 +147,12 @@ def test_batches_list_show_cancel_retry_from_the_cli(remote, tmp_path):
     assert retried.exit_code == 0 and "requeued=0" in retried.output
     missing = runner.invoke(app, ["batches", "show", "00000000-0000-0000-0000-000000000000"], env=env)
     assert missing.exit_code == 2 and "404" in missing.output
+    whole = tmp_path / "whole.json"
+    whole.write_text('{"items": [{"prompt": "a mug"}], "priority": "low"}')
+    json_batch = runner.invoke(app, ["submit", str(whole)], env=env)
+    assert json_batch.exit_code == 0 and "'whole'" in json_batch.output, json_batch.output
+    mixed = runner.invoke(app, ["submit", str(whole), "--priority", "high"], env=env)
+    assert mixed.exit_code == 2 and "put priority in the file itself" in mixed.output
 
 
 def test_a_download_of_what_can_ship_takes_passed_or_approved_images_only(remote, tmp_path):
