@@ -1,8 +1,10 @@
 """In Debian's chromium (Playwright, no browser download): the batch report renders with the batch's
-figures, prints to PDF, and a screenshot lands in docs/; the review page's queue count follows the
+figures, prints to PDF, and a screenshot lands in var/ (docs/report-page.png with
+INSTABATCH_UPDATE_DOCS=1); the review page's queue count follows the
 batch's server-sent events when another reviewer decides."""
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -20,7 +22,9 @@ from tests.deliverykit import seed_delivered, served_api
 from tests.reviewkit import seed_batch
 from tests.test_browser_review import CHROMIUM, CHROMIUM_ARGS, TIMEOUT_MS
 
-SCREENSHOT = REPO_ROOT / "docs" / "report-page.png"
+# Each run writes var/; INSTABATCH_UPDATE_DOCS=1 also refreshes the copy committed in docs/.
+SCREENSHOT = REPO_ROOT / "var" / "report-page.png"
+DOCS_SCREENSHOT = REPO_ROOT / "docs" / "report-page.png"
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not Path(CHROMIUM).exists() and not shutil.which("chromium"),
                                                    reason="Debian's chromium is not installed (make browser)")]
@@ -87,7 +91,10 @@ def test_the_report_page_shows_the_batch_figures_and_prints(server, browser, tmp
     expect(page.locator("#anchor")).to_contain_text("covers this batch's events")
     expect(page.locator("#verify-command")).to_have_text("instabatch audit verify")
     expect(page.locator("body")).to_contain_text("4f2a9c1")
+    SCREENSHOT.parent.mkdir(exist_ok=True)
     page.screenshot(path=str(SCREENSHOT), full_page=True)
+    if os.environ.get("INSTABATCH_UPDATE_DOCS") == "1":
+        shutil.copyfile(SCREENSHOT, DOCS_SCREENSHOT)
     pdf = tmp_path / "report.pdf"
     page.pdf(path=str(pdf), format="A4")
     assert pdf.read_bytes()[:5] == b"%PDF-" and pdf.stat().st_size > 10_000
