@@ -15,11 +15,11 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from api import queries
-from api.schemas.results import AuditRange, BatchReport, ModelUse, ReviewerDecisions
+from api.schemas.results import AuditRange, BatchReport, DecisionRecord, ModelUse, ReviewerDecisions
 from core.audit.anchors import list_anchors
 from core.audit.verify import read_head
 from core.storage import ObjectStore
-from models import ApiKey, AuditEvent, Batch, Image, Review, utcnow
+from models import ApiKey, AuditEvent, Batch, Image, Item, Review, utcnow
 
 VERIFY_COMMAND = "instabatch audit verify"
 TEMPLATES = Environment(loader=FileSystemLoader(Path(__file__).resolve().parent / "templates"),
@@ -35,7 +35,7 @@ def batch_report(session: Session, store: ObjectStore, batch: Batch) -> BatchRep
         parameters=batch.params, counts=view.counts,
         verdicts={name: review[name] for name in ("pass", "review", "reject", "unchecked")},
         decisions={name: review[name] for name in ("awaiting_review", "approved", "rejected", "regenerated")},
-        reviewers=_reviewers(session, batch.id), audit=_audit_range(session, store, batch.id), generated_at=utcnow(),
+        reviewers=_reviewers(session, batch.id), decision_log=_decision_log(session, batch.id), audit=_audit_range(session, store, batch.id), generated_at=utcnow(),
     )
 
 
@@ -80,6 +80,17 @@ def _reviewers(session: Session, batch_id: str) -> list[ReviewerDecisions]:
         entry["first_at"] = min(filter(None, (entry.get("first_at"), first)))
         entry["last_at"] = max(filter(None, (entry.get("last_at"), last)))
     return [ReviewerDecisions.model_validate(entry) for _, entry in sorted(by_reviewer.items())]
+
+
+def _decision_log(session: Session, batch_id: str) -> list[DecisionRecord]:
+    rows = session.execute(
+        select(Review, Image.qc_verdict, Item.external_id).join(Image, Image.id == Review.image_id)
+        .join(Item, Item.id == Image.item_id).where(Image.batch_id == batch_id)
+        .order_by(Review.created_at, Review.id))
+    return [DecisionRecord(at=review.created_at, reviewer=review.reviewer_name or review.reviewer_key_id or "unknown",
+                           decision=review.decision, reason_code=review.reason_code, image_id=review.image_id,
+                           external_id=external_id, verdict=verdict)
+            for review, verdict, external_id in rows]
 
 
 def _audit_range(session: Session, store: ObjectStore, batch_id: str) -> AuditRange:

@@ -44,14 +44,15 @@ def tiny_png(index: int) -> bytes:
 
 def seed_delivered(team: str, n: int, *, verdicts: Sequence[str] = ("pass",), decisions: Sequence[str | None] = (None,),
                    failed_every: int = 0, name: str = "delivered", store: ObjectStore | None = None,
-                   external_id: str = "sku-{i:05d}", submitted_by: str | None = None) -> Delivered:
+                   external_id: str = "sku-{i:05d}", submitted_by: str | None = None,
+                   params: dict | None = None) -> Delivered:
     """A finished batch of ``n`` items, each with one image (verdict and decision cycle through the
     given lists), except every ``failed_every``-th item, which failed without one."""
     store = store or get_store()
     specs = [ledger.ItemSpec(prompt=f"a ceramic mug, product photo, variant {i}", external_id=external_id.format(i=i),
                              seed=i) for i in range(n)]
     with session_scope() as session:
-        batch, _ = ledger.submit_batch(session, ledger.BatchSpec(name=name, items=specs), team=team, actor="test",
+        batch, _ = ledger.submit_batch(session, ledger.BatchSpec(name=name, items=specs, params=params or {}), team=team, actor="test",
                                        submitted_by=submitted_by, chunk_images=1000)
         items = session.execute(select(Item.id, Item.seq).where(Item.batch_id == batch.id).order_by(Item.seq)).all()
         batch_id = batch.id

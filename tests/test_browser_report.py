@@ -60,7 +60,8 @@ def test_the_report_page_shows_the_batch_figures_and_prints(server, browser, tmp
     with session_scope() as session:
         submitter = keys_module.authenticate(session, keys["submitter"]).key_id
     seeded = seed_delivered("marketing", 40, verdicts=("pass", "pass", "pass", "review"), failed_every=13,
-                            name="spring catalogue", submitted_by=submitter)
+                            name="spring catalogue", submitted_by=submitter,
+                            params={"width": 512, "height": 512, "num_inference_steps": 1, "guidance_scale": 0.0})
     with session_scope() as session:
         audit.record(session, "item.generated", actor="worker", batch_id=seeded.batch_id,
                      payload={"code_version": "4f2a9c1"})
@@ -88,9 +89,11 @@ def test_the_report_page_shows_the_batch_figures_and_prints(server, browser, tmp
     expect(page.locator('#decisions [data-decision="approved"] b')).to_have_text("2")
     expect(page.locator('#decisions [data-decision="rejected"] b')).to_have_text("1")
     expect(page.locator("#reviewers .reviewer")).to_have_count(1)
+    expect(page.locator("#decision-log .decision")).to_have_count(3)
     expect(page.locator("#anchor")).to_contain_text("covers this batch's events")
     expect(page.locator("#verify-command")).to_have_text("instabatch audit verify")
     expect(page.locator("body")).to_contain_text("4f2a9c1")
+    expect(page.locator("pre")).to_contain_text('"width": 512')
     SCREENSHOT.parent.mkdir(exist_ok=True)
     page.screenshot(path=str(SCREENSHOT), full_page=True)
     if os.environ.get("INSTABATCH_UPDATE_DOCS") == "1":

@@ -48,6 +48,11 @@ def test_the_report_records_who_what_how_and_where_in_the_chain(api):
     assert report["verdicts"] == {"pass": 2, "review": 4, "reject": 0, "unchecked": 0}
     assert report["decisions"] == {"awaiting_review": 1, "approved": 2, "rejected": 1, "regenerated": 0}
     assert [(r["reviewer"], r["approved"], r["rejected"]) for r in report["reviewers"]] == [("test reviewer", 2, 1)]
+    log = report["decision_log"]
+    assert [(r["decision"], r["reason_code"], r["reviewer"], r["verdict"]) for r in log] == [
+        ("approved", "acceptable", "test reviewer", "review"), ("rejected", "blurry", "test reviewer", "review"),
+        ("approved", "acceptable", "test reviewer", "review")]
+    assert [r["image_id"] for r in log] == image_ids[:3] and log[0]["external_id"] == "sku-00001"
     trail = report["audit"]
     assert trail["events"] == 5 and trail["first_seq"] < trail["last_seq"] <= trail["chain_head_seq"]
     assert (trail["anchor_seq"], trail["anchor_hash"]) == (anchored.anchor.seq, anchored.anchor.hash)

@@ -72,6 +72,16 @@ class ReviewerDecisions(ResponseModel):
     last_at: UtcDatetime | None = None
 
 
+class DecisionRecord(ResponseModel):
+    at: UtcDatetime
+    reviewer: str
+    decision: str
+    reason_code: str | None
+    image_id: str
+    external_id: str | None
+    verdict: str | None = Field(None, description="the image's QC verdict")
+
+
 class ModelUse(ResponseModel):
     model_id: str
     weights_sha256: str
@@ -108,5 +118,6 @@ class BatchReport(ResponseModel):
     verdicts: dict[str, int]
     decisions: dict[str, int]
     reviewers: list[ReviewerDecisions]
+    decision_log: list[DecisionRecord] = Field(description="every review decision, oldest first")
     audit: AuditRange
     generated_at: UtcDatetime
