@@ -19,13 +19,14 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from typing import Annotated, Any
 
 import anyio
 import anyio.to_thread
 from anyio.lowlevel import RunVar
-from fastapi import Depends, Request
+from fastapi import Depends, Query, Request
 from prometheus_client import Counter
 from sqlalchemy import Select, event, select
 from sqlalchemy.orm import Session
@@ -146,6 +147,10 @@ def unauthorized(message: str) -> APIError:
 
 def current_principal(request: Request, session: SessionDep) -> Principal:
     """The principal of ``Authorization: Bearer <key>``; 401 for a missing, unknown or revoked key."""
+    return authenticate(request, session)
+
+
+def authenticate(request: Request, session: Session) -> Principal:
     header = request.headers.get("authorization")
     if not header:
         raise unauthorized("missing Authorization: Bearer <api key>")
@@ -158,6 +163,23 @@ def current_principal(request: Request, session: SessionDep) -> Principal:
         raise unauthorized("unknown or revoked API key")
     request.state.principal = principal
     return principal
+
+
+# A long-lived stream (server-sent events) must not hold a database permit while it waits between
+# reads, or a handful of open progress bars would take the API's whole capacity: it takes a permit
+# for each read instead.
+short_permit = asynccontextmanager(db_permit)
+
+
+async def in_short_session(work: Callable[[Session], Any]) -> Any:
+    """Run ``work(session)`` in a thread with a permit and a session of its own, both let go after."""
+    async with short_permit():
+        return await anyio.to_thread.run_sync(_with_session, work)
+
+
+def _with_session(work: Callable[[Session], Any]) -> Any:
+    with session_factory(get_engine())() as session:
+        return work(session)
 
 
 PrincipalDep = Annotated[Principal, Depends(current_principal)]
@@ -241,3 +263,24 @@ def _visible_in_batch(session: Session, principal: Principal, model: Any, row_id
         raise not_found(name)
     bind_ids(batch_id=row[1].id, **{f"{name}_id": row[0].id})
     return row[0], row[1]
+
+
+# Lookup by the submitter's own ids (SKUs) within a batch: ?external_id=sku-1&external_id=sku-2
+
+MAX_EXTERNAL_ID_FILTERS = 100
+
+
+def external_id_filter(
+    external_id: Annotated[list[str] | None, Query(
+        max_length=200, description=f"items with these external ids; repeatable, at most {MAX_EXTERNAL_ID_FILTERS}",
+    )] = None,
+) -> list[str]:
+    values = external_id or []
+    if len(values) > MAX_EXTERNAL_ID_FILTERS:
+        raise APIError(422, "the request is not valid", details=[{
+            "field": "query.external_id", "loc": ["query", "external_id"],
+            "message": f"at most {MAX_EXTERNAL_ID_FILTERS} values", "type": "value_error"}])
+    return values
+
+
+ExternalIdsDep = Annotated[list[str], Depends(external_id_filter)]

@@ -16,7 +16,7 @@ from fastapi.openapi.utils import get_openapi
 from api.deps import db_permits
 from api.errors import install_error_handlers
 from api.middleware import BodySizeLimit, RequestContext, RequestMetrics
-from api.routes import audit, batches, brand, health, items, keys, objects, review, teams, verify
+from api.routes import audit, batches, brand, delivery, health, items, keys, objects, review, teams, verify
 from api.schemas import BatchCreate
 from api.schemas.catalogue import CatalogueBatchCreate
 from core.logs import configure_logging
@@ -42,6 +42,7 @@ def create_app() -> FastAPI:
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(batches.router, prefix=API_PREFIX)
+    app.include_router(delivery.router, prefix=API_PREFIX)
     app.include_router(items.router, prefix=API_PREFIX)
     app.include_router(objects.router, prefix=API_PREFIX)
     app.include_router(keys.router, prefix=API_PREFIX)

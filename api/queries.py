@@ -23,6 +23,7 @@ from api.schemas import (
     ItemPage,
 )
 from api.schemas.batches import progress_of
+from api.schemas.results import ProgressEvent
 from api.schemas.review import Finding, QueueEntry
 from api.schemas.teams import DeliveryOut, DeliveryPage, LimitsOut, WebhookSettingsOut
 from api.schemas.verify import CredentialsOut
@@ -33,7 +34,7 @@ from core.keys import Principal
 from core.review import review_counts
 from core.settings import get_settings
 from core.teams import team_settings
-from models import Batch, BatchStatus, Image, Item, Outbox, QcResult, Review, Verdict, WebhookDelivery
+from models import Batch, BatchStatus, Image, Item, ItemState, Outbox, QcResult, Review, Verdict, WebhookDelivery
 
 TERMINAL_STATUSES = {BatchStatus.SUCCEEDED, BatchStatus.COMPLETED_WITH_ERRORS, BatchStatus.CANCELLED}
 VERDICT_SEVERITY = {Verdict.PASS: 0, Verdict.REVIEW: 1, Verdict.REJECT: 2}
@@ -120,6 +121,18 @@ def batch_view(session: Session, batch: Batch) -> BatchOut:
     return batch_views(session, [batch])[0]
 
 
+def progress_event(session: Session, batch_id: str) -> ProgressEvent:
+    """A batch's progress as its events stream pushes it: counts per state, verdicts, decisions."""
+    view = batch_view(session, session.get(Batch, batch_id))
+    review = view.review.model_dump(by_alias=True)
+    return ProgressEvent(
+        batch_id=view.id, status=view.status, total_items=view.total_items,
+        done_items=sum(view.counts.get(state, 0) for state in ItemState.finished()), counts=view.counts,
+        review=review, awaiting_review=review.get("awaiting_review", 0),
+        finished=view.status in TERMINAL_STATUSES,
+    )
+
+
 def page_batches(session: Session, principal: Principal, *, limit: int, cursor: str | None = None,
                  team: str | None = None) -> BatchPage:
     """Newest first; the cursor is the last batch seen, so pages stay stable while batches arrive."""
@@ -135,7 +148,8 @@ def page_batches(session: Session, principal: Principal, *, limit: int, cursor: 
 # Items and images
 
 def page_items(session: Session, batch: Batch, *, limit: int, base_url: str, cursor: str | None = None,
-               states: Sequence[str] = (), verdicts: Sequence[str] = ()) -> ItemPage:
+               states: Sequence[str] = (), verdicts: Sequence[str] = (),
+               external_ids: Sequence[str] = ()) -> ItemPage:
     """Items in submission order (seq); a verdict filter keeps items with an image of that verdict."""
     query = select(Item).where(Item.batch_id == batch.id)
     if cursor:
@@ -145,6 +159,8 @@ def page_items(session: Session, batch: Batch, *, limit: int, base_url: str, cur
         query = query.where(Item.seq > int(position))
     if states:
         query = query.where(Item.state.in_(states))
+    if external_ids:
+        query = query.where(Item.external_id.in_(external_ids))
     if verdicts:
         query = query.where(exists().where(Image.item_id == Item.id, Image.qc_verdict.in_(verdicts)))
     rows = list(session.scalars(query.order_by(Item.seq).limit(limit + 1)))

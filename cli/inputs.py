@@ -71,21 +71,6 @@ def _catalogue_batch(body: bytes, template: Path, name: str, params: dict[str, A
 
 
 def _jsonl_batch(body: bytes, name: str, params: dict[str, Any]) -> Any:
-    from pydantic import ValidationError
+    from api.intake import jsonl_batch
 
-    from api.schemas import BatchCreate
-
-    items = []
-    for number, line in enumerate(body.decode("utf-8-sig").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            items.append(json.loads(line))
-        except ValueError as error:
-            raise InputError(f"line {number} is not JSON: {error}") from None
-    try:
-        return BatchCreate.model_validate({"name": name, "items": items, "params": params}, strict=True)
-    except ValidationError as error:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors()[:10])
-        raise InputError(f"the batch is not valid: {problems}") from None
-
+    return jsonl_batch(body, {"name": name, "params": params})

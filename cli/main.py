@@ -4,6 +4,8 @@
     instabatch run CATALOGUE --template T.json --out DIR   a catalogue (rows x variants) instead
     instabatch preview FILE [--template T.json]            what run would submit; queues nothing
     instabatch brand show|set|logo     a team's brand rules and logo
+    instabatch submit FILE --api URL   the same against a remote API (--wait, --download DIR)
+    instabatch batches list|show|...   batches on a remote API
     instabatch serve / worker / beat   the API, a Celery worker (one per GPU), the sweeper's scheduler
     instabatch db upgrade              migrate the ledger
     instabatch keys create|revoke|list API keys
@@ -31,6 +33,8 @@ from cli.audit import audit_app, cli_actor
 from cli.brand import brand_app
 from cli.credentials import credentials_app
 from cli.provenance import provenance
+from cli.remote import batches_app
+from cli.remote import submit as submit_command
 from cli.teams import teams_app
 
 app = typer.Typer(help="InstaBatch: bulk product images with one-step InstaFlow generation.",
@@ -50,6 +54,8 @@ app.add_typer(brand_app, name="brand")
 app.add_typer(teams_app, name="teams")
 app.add_typer(credentials_app, name="credentials")
 app.command("provenance")(provenance)
+app.command("submit")(submit_command)
+app.add_typer(batches_app, name="batches")
 
 console = Console()
 PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}

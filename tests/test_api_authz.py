@@ -37,6 +37,7 @@ class Row:
     path: str  # OpenAPI template; {batch_id}, {item_id}, {key_id}, {key} are filled in per row
     statuses: dict[str, int]
     body: dict[str, Any] | None = field(default=None, hash=False)
+    params: dict[str, Any] | None = field(default=None, hash=False)
 
 
 # Submitters act on their own team's batches; reviewers and auditors read every team's;
@@ -76,6 +77,12 @@ MATRIX: list[Row] = [
     Row("POST", "/v1/images/{image_id}/review", expect(403, reviewer=200, admin=409),
         body={"decision": "approve", "reason_code": "acceptable"}),
     Row("GET", "/v1/batches/{batch_id}/contact-sheet.png", READ),
+    # Delivery: results, archive, progress events (cut short: the batch is still queued), the report.
+    Row("GET", "/v1/batches/{batch_id}/results", READ),
+    Row("GET", "/v1/batches/{batch_id}/archive.zip", READ),
+    Row("GET", "/v1/batches/{batch_id}/events", READ, params={"interval": 0.2, "max_seconds": 0.5}),
+    Row("GET", "/v1/batches/{batch_id}/report", READ),
+    Row("GET", "/v1/batches/{batch_id}/report.json", READ),
     # The page and its assets hold no data: the page asks for a key and sends it with each call.
     Row("GET", "/review", ANYONE),
     Row("GET", "/review/assets/{name}", ANYONE),
@@ -111,7 +118,7 @@ def test_authorization(harness, row):
     got = {}
     for principal in PRINCIPALS:
         who = {"none": None}.get(principal, principal)
-        response = harness.request(who, row.method, url, json=row.body)
+        response = harness.request(who, row.method, url, json=row.body, params=row.params)
         got[principal] = response.status_code
         if response.status_code >= 400:
             assert set(response.json()) == {"error"}, response.text

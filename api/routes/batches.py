@@ -1,6 +1,7 @@
 """Batches: submit (JSON, CSV or a catalogue), preview, list, read, items, cancel, retry."""
 from __future__ import annotations
 
+import email.message
 import logging
 import re
 from typing import Annotated
@@ -19,7 +20,7 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from api import catalogue, queries
-from api.deps import ReaderDep, SessionDep, SubmitterDep, visible_batch
+from api.deps import ExternalIdsDep, ReaderDep, SessionDep, SubmitterDep, visible_batch
 from api.errors import APIError, too_many_requests
 from api.intake import CSV_COLUMNS, CSV_QUERY_FIELDS, parse_batch_request
 from api.metrics import BATCHES_SUBMITTED, ITEMS_SUBMITTED
@@ -47,7 +48,7 @@ IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,200}$")  # printable ASCII, no spa
 ERROR_RESPONSES = {code: {"description": text} for code, text in {
     400: "malformed JSON or CSV", 401: "no valid API key", 403: "role may not do this",
     404: "no such batch (or another team's)", 409: "Idempotency-Key reused with another body, or nothing to cancel",
-    413: "body larger than MAX_BODY_BYTES", 415: "neither JSON nor CSV", 422: "invalid fields",
+    413: "body larger than MAX_BODY_BYTES", 415: "not JSON, CSV or JSON Lines", 422: "invalid fields",
     429: "over the team's queued images or submissions per minute (Retry-After)",
 }.items()}
 BATCH_REQUEST_BODY = {
@@ -55,14 +56,18 @@ BATCH_REQUEST_BODY = {
         "required": True,
         "description": (
             "The batch as JSON, or a CSV with a header naming some of "
-            f"{', '.join(CSV_COLUMNS)} ('prompt' required); a CSV upload takes the other fields as "
-            f"query parameters: {', '.join(CSV_QUERY_FIELDS)} (name required)."
+            f"{', '.join(CSV_COLUMNS)} ('prompt' required; separator ',' ';' or tab, sniffed), or JSON Lines "
+            "of item objects; CSV and JSON Lines uploads take the other fields as "
+            f"query parameters: {', '.join(CSV_QUERY_FIELDS)}. Without a name, the batch is named after the "
+            "upload's Content-Disposition filename, else the date."
         ),
         "content": {
             "application/json": {"schema": {"oneOf": [{"$ref": "#/components/schemas/BatchCreate"},
                                                       {"$ref": "#/components/schemas/CatalogueBatchCreate"}]}},
             "text/csv": {"schema": {"type": "string"},
                          "example": "prompt,external_id,seed\na red ceramic mug on a white table,sku-1,42\n"},
+            "application/x-ndjson": {"schema": {"type": "string"},
+                                     "example": '{"prompt": "a red ceramic mug", "external_id": "sku-1"}\n'},
         },
     }
 }
@@ -78,7 +83,17 @@ async def batch_request(request: Request) -> catalogue.BatchRequest:
         if request.query_params:
             raise APIError(422, "query parameters are for CSV uploads; put them in the JSON body")
         return await run_in_threadpool(catalogue.parse_catalogue, data)
-    return await run_in_threadpool(parse_batch_request, content_type, body, request.query_params)
+    return await run_in_threadpool(parse_batch_request, content_type, body, request.query_params,
+                                   upload_filename(request.headers.get("content-disposition")))
+
+
+def upload_filename(content_disposition: str | None) -> str | None:
+    """``attachment; filename="spring.csv"`` -> ``spring.csv`` (the default batch name's source)."""
+    if not content_disposition:
+        return None
+    message = email.message.Message()
+    message["content-disposition"] = content_disposition
+    return message.get_filename()
 
 
 def idempotency_key(key: Annotated[str | None, Header(alias="Idempotency-Key")] = None) -> str | None:
@@ -185,11 +200,13 @@ def list_items(
     verdict: Annotated[list[Verdict] | None, Query(description="items with an image of this QC verdict")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
     cursor: Annotated[str | None, Query(max_length=200)] = None,
+    external_ids: ExternalIdsDep = (),
 ) -> ItemPage:
     batch = visible_batch(session, principal, batch_id)
     return queries.page_items(
         session, batch, limit=limit, cursor=cursor, base_url=str(request.base_url),
         states=[s.value for s in state or ()], verdicts=[v.value for v in verdict or ()],
+        external_ids=external_ids,
     )
 
 

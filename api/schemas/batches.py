@@ -5,6 +5,8 @@ from the settings at validation time, so the same models serve every configurati
 """
 from __future__ import annotations
 
+from datetime import datetime, timezone
+from pathlib import PurePosixPath, PureWindowsPath
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
@@ -52,7 +54,8 @@ class ItemIn(RequestModel):
 class BatchCreate(RequestModel):
     """The body of ``POST /v1/batches``."""
 
-    name: StrippedText = Field(max_length=MAX_NAME_CHARS)
+    name: StrippedText = Field(default_factory=lambda: default_name(), max_length=MAX_NAME_CHARS,
+                               description="default: an upload's file name, else 'batch <UTC date and time>'")
     items: list[ItemIn] = Field(min_length=1, description="at most MAX_ITEMS_PER_BATCH")
     params: GenerationParams = Field(default_factory=GenerationParams)
     priority: Priority = "normal"
@@ -127,6 +130,15 @@ class RetryResult(ResponseModel):
     items_requeued: int
 
 
+def default_name(filename: str | None = None, now: datetime | None = None) -> str:
+    """A batch's name when none is given: the upload's file name without its extension, else the time."""
+    if filename:
+        stem = PurePosixPath(PureWindowsPath(filename).name).stem.strip()
+        if stem:
+            return stem[:MAX_NAME_CHARS]
+    return f"batch {(now or datetime.now(timezone.utc)):%Y-%m-%d %H:%M:%S} UTC"
+
+
 def progress_of(counts: dict[str, int]) -> float:
     total = sum(counts.values())
     done = sum(counts.get(state, 0) for state in ItemState.finished())
@@ -135,5 +147,5 @@ def progress_of(counts: dict[str, int]) -> float:
 
 __all__ = [
     "BatchCreate", "BatchOut", "BatchPage", "CancelResult", "GenerationParams", "ItemIn", "RefineParams",
-    "RetryResult", "progress_of",
+    "RetryResult", "default_name", "progress_of",
 ]

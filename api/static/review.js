@@ -101,7 +101,45 @@ function maybeLoadMore() {
   if (left < PREFETCH_WHEN_LEFT) loadMore();
 }
 
+// -- the queue count, pushed ------------------------------------------------------------
+// With a batch filter (and no reason filter) the count follows the batch's server-sent events
+// (GET /v1/batches/{id}/events): read with fetch, as EventSource cannot send the API key.
+
+let countStream = null;
+
+async function followCount() {
+  if (countStream) countStream.abort();
+  countStream = null;
+  const batchId = state.filters.batch_id;
+  if (!batchId || state.filters.reason || !apiKey()) return;
+  const controller = new AbortController();
+  countStream = controller;
+  try {
+    const response = await fetch(`/v1/batches/${encodeURIComponent(batchId)}/events?until_complete=false&interval=2`, {
+      headers: { Authorization: `Bearer ${apiKey()}`, Accept: "text/event-stream" }, signal: controller.signal,
+    });
+    if (!response.ok || !response.body) return;
+    const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+    let buffer = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buffer += value.replace(/\r\n/g, "\n");
+      let end;
+      while ((end = buffer.indexOf("\n\n")) >= 0) {
+        const block = buffer.slice(0, end);
+        buffer = buffer.slice(end + 2);
+        const data = block.split("\n").filter((line) => line.startsWith("data:")).map((line) => line.slice(5).trim());
+        if (data.length) setRemaining(JSON.parse(data.join("\n")).awaiting_review);
+      }
+    }
+  } catch (error) {
+    if (error.name !== "AbortError") console.warn("queue count stream ended:", error.message);
+  }
+}
+
 function restart() {
+  followCount();
   $("queue").replaceChildren();
   Object.assign(state, { cards: [], focus: -1, cursor: null, done: false, remaining: null });
   setRemaining(null);
