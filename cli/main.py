@@ -3,6 +3,7 @@
     instabatch run FILE --out DIR      a prompt file -> images + results.csv, on the embedded defaults
     instabatch serve / worker / beat   the API, a Celery worker (one per GPU), the sweeper's scheduler
     instabatch db upgrade              migrate the ledger
+    instabatch status [--once]         live view: queues, workers, images/s, the newest batches
     instabatch keys create|revoke|list API keys
     instabatch audit ... / provenance  the audit trail; where an image came from
     instabatch qc score FILES          QC verdicts for image files
@@ -25,6 +26,7 @@ from rich.console import Console
 
 from cli.audit import audit_app, cli_actor
 from cli.provenance import provenance
+from cli.status import status
 
 app = typer.Typer(help="InstaBatch: bulk product images with one-step InstaFlow generation.",
                   no_args_is_help=True, pretty_exceptions_show_locals=False)
@@ -40,6 +42,7 @@ app.add_typer(train_app, name="train")
 app.add_typer(eval_app, name="eval")
 app.add_typer(audit_app, name="audit")
 app.command("provenance")(provenance)
+app.command("status")(status)
 
 console = Console()
 PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
