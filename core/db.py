@@ -13,10 +13,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 
-from sqlalchemy import Engine, create_engine, event
+from datetime import datetime
+
+from sqlalchemy import Engine, create_engine, event, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.settings import get_settings
+from models.base import as_utc, utcnow
 
 
 def normalize_url(url: str) -> str:
@@ -96,3 +99,13 @@ def session_scope(engine: Engine | None = None) -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+def ledger_now(session: Session) -> datetime:
+    """The ledger's clock: lease expiries, claims and sends written by one host are compared by
+    another, so on PostgreSQL they all read the database server's clock, never a host's own (a
+    host whose clock is behind by a lease would lose every lease it takes; docs/architecture.md,
+    "Several hosts"). SQLite is a file on one host: that host's clock."""
+    if session.get_bind().dialect.name == "postgresql":
+        return as_utc(session.scalar(select(func.clock_timestamp())))
+    return utcnow()

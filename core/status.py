@@ -4,7 +4,7 @@
   LLEN on Redis, a row count on the embedded SQLAlchemy broker), never by parsing the broker's keys;
 - workers: Celery's remote control (``inspect ping`` and ``active``), answered by every worker
   that reaches the broker within the timeout, on any host;
-- images/s: images recorded in the ledger over the last minute;
+- images/s: images of the items that succeeded over the last minute (the ledger's clock);
 - the newest batches with their items by state.
 
 Each part fails on its own: a broker that does not answer leaves the ledger's parts standing.
@@ -22,7 +22,8 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from core import ledger
-from models import Batch, Image, ItemState, utcnow
+from core.db import ledger_now
+from models import Batch, Item, ItemState
 
 RATE_WINDOW_SECONDS = 60
 TERMINAL = tuple(state.value for state in ItemState.finished())
@@ -90,8 +91,11 @@ def live_workers(celery: Celery, timeout: float = 1.0) -> list[WorkerView]:
 
 
 def images_per_second(session: Session, window_seconds: int = RATE_WINDOW_SECONDS) -> float:
-    since = utcnow() - timedelta(seconds=window_seconds)
-    count = session.scalar(select(func.count()).select_from(Image).where(Image.created_at >= since))
+    """Images of the items that succeeded in the window, by the ledger's clock (core.db.ledger_now:
+    the one every worker, on any host, stamps ``finished_at`` with)."""
+    since = ledger_now(session) - timedelta(seconds=window_seconds)
+    count = session.scalar(select(func.sum(Item.num_images)).where(
+        Item.state == ItemState.SUCCEEDED.value, Item.finished_at >= since))
     return (count or 0) / window_seconds
 
 

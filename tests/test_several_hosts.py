@@ -12,6 +12,7 @@ the batch must meet is derived from them (tests/faults/stack.py, ``Bounds``).
 """
 from __future__ import annotations
 
+import re
 import shutil
 import tempfile
 import time
@@ -66,9 +67,10 @@ class Hosts:
         env["S3_ENDPOINT_URL"] = self.s3_proxies[index].url
         return env
 
-    def start_workers(self) -> None:
+    def start_workers(self, env_by_host: dict[str, dict[str, str]] | None = None) -> None:
         for index, link in enumerate(self.links):
-            self.workers[link.hostname] = self.stack.start_worker("solo", wrap=link.wrap(), env=self.env_for(index))
+            env = {**self.env_for(index), **(env_by_host or {}).get(link.hostname, {})}
+            self.workers[link.hostname] = self.stack.start_worker("solo", wrap=link.wrap(), env=env)
 
     def close(self) -> None:
         self.stack.close()
@@ -165,3 +167,28 @@ def test_a_batch_split_across_two_hosts_finishes_after_one_is_cut_off(hosts: Hos
     print(f"RESULT several_hosts items={ITEMS} runs_{victim}={done[victim]} runs_{survivor}={done[survivor]} "
           f"held_at_cut={len(held)} takeover_s={result.inflight_s:.1f} lease_bound_s={lease_bound:.0f} "
           f"total_s={result.total_s:.1f} rejoined_s={rejoined_s:.1f} orphans_after_rejoin={len(again.orphans)}", flush=True)
+
+
+LIBFAKETIME = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
+SKEW_S = 90  # behind by more than a lease: every lease it writes looks expired to the sweeper
+
+
+@pytest.mark.skipif(not LIBFAKETIME.exists(), reason="needs libfaketime (Debian package faketime) to skew a clock")
+def test_a_host_whose_clock_is_behind_neither_loses_its_work_nor_kills_items(hosts: Hosts) -> None:
+    """Lease times come from the ledger's clock, so a host with a wrong clock holds its leases as long as any."""
+    stack = hosts.stack
+    skewed, other = HOSTS
+    hosts.start_workers({skewed: {"LD_PRELOAD": str(LIBFAKETIME), "FAKETIME": f"-{SKEW_S}s",
+                                  "FAKETIME_DONT_FAKE_MONOTONIC": "1"}})
+    sc = Scenario(stack, "several_hosts_clock_skew", batch_body("skewed clock", ITEMS))
+    sc.submit()
+    result = sc.finish()
+    done = generated_by_host(stack, sc.batch_id)
+    swept = stack.query("SELECT count(*) FROM audit_events WHERE action = 'items.swept'")[0][0]
+    lost = victim_lines = len(re.findall(r"lease lost on", hosts.workers[skewed].log_text()))
+    say(f"runs per host {dict(done)}, sweeps that requeued {swept}, lease-lost lines on {skewed}: {victim_lines}")
+    assert result.extra["states"] == f"succeeded:{ITEMS}"
+    assert done[skewed] >= 1 and done[other] >= 1, f"both hosts must have recorded runs: {dict(done)}"
+    assert swept == 0 and lost == 0, f"{skewed}'s leases were taken from it while it ran: {swept} sweeps, {lost} lost"
+    print(f"RESULT several_hosts_clock_skew items={ITEMS} skew_s=-{SKEW_S} runs_{skewed}={done[skewed]} "
+          f"runs_{other}={done[other]} requeue_sweeps={swept} leases_lost={lost} total_s={result.total_s:.1f}", flush=True)
