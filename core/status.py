@@ -18,7 +18,7 @@ from datetime import timedelta
 from celery import Celery
 from kombu import Connection
 from kombu.exceptions import ChannelError
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
 from core import ledger
@@ -78,7 +78,7 @@ def _depth(connection: Connection, queue: str) -> int:
     with connection.channel() as channel:
         try:
             return channel.queue_declare(queue=queue, passive=True).message_count
-        except ChannelError:  # a queue nobody has sent to yet (Redis: an empty list does not exist)
+        except ChannelError:  # a queue nobody has declared yet: nothing waits in it
             return 0
 
 
@@ -94,8 +94,10 @@ def images_per_second(session: Session, window_seconds: int = RATE_WINDOW_SECOND
     """Images of the items that succeeded in the window, by the ledger's clock (core.db.ledger_now:
     the one every worker, on any host, stamps ``finished_at`` with)."""
     since = ledger_now(session) - timedelta(seconds=window_seconds)
+    # Only batches open in the window: items are read through ix_items_batch_state, never all of them.
+    recent = select(Batch.id).where(or_(Batch.finished_at.is_(None), Batch.finished_at >= since))
     count = session.scalar(select(func.sum(Item.num_images)).where(
-        Item.state == ItemState.SUCCEEDED.value, Item.finished_at >= since))
+        Item.batch_id.in_(recent), Item.state == ItemState.SUCCEEDED.value, Item.finished_at >= since))
     return (count or 0) / window_seconds
 
 
