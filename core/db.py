@@ -18,7 +18,7 @@ from datetime import datetime
 from sqlalchemy import Engine, create_engine, event, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.settings import get_settings
+from core.settings import Settings, get_settings
 from models.base import as_utc, utcnow
 
 
@@ -45,8 +45,21 @@ def make_engine(url: str) -> Engine:
                                **({} if in_memory else pool))
         event.listen(engine, "connect", _tune_sqlite)
         return engine
-    return create_engine(url, pool_pre_ping=True, connect_args={"connect_timeout": settings.db_connect_timeout},
-                         **pool)
+    connect_args = {"connect_timeout": settings.db_connect_timeout, "options": _session_options(settings)}
+    return create_engine(url, pool_pre_ping=True, connect_args=connect_args, **pool)
+
+
+# The server probes an idle connection after 30 s, every 10 s, 3 times: a vanished host's
+# connection (and its slot) is gone within about a minute.
+TCP_KEEPALIVES = {"tcp_keepalives_idle": 30, "tcp_keepalives_interval": 10, "tcp_keepalives_count": 3}
+
+
+def _session_options(settings: Settings) -> str:
+    """Server settings for each session (libpq ``options``): what frees the locks of a host cut off
+    mid-transaction (docs/architecture.md, "Several hosts")."""
+    values = {**TCP_KEEPALIVES,
+              "idle_in_transaction_session_timeout": int(settings.db_idle_in_transaction_seconds * 1000)}
+    return " ".join(f"-c {name}={value}" for name, value in values.items())
 
 
 def _tune_sqlite(dbapi_connection, _record) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -22,18 +23,19 @@ from pathlib import Path
 
 import pytest
 
+from core.settings import REPO_ROOT
 from tests import netns
 from tests.faults import invariants
 from tests.faults import services as fault_services
 from tests.faults.runner import Scenario, say
-from tests.faults.services import TcpProxy, kill_everything, wait_until
+from tests.faults.services import Proc, TcpProxy, kill_everything, wait_until
 from tests.faults.stack import FaultStack, Infra, batch_body
 
 HOSTS = ("host-a", "host-b")
 ITEMS = 60
 SETTINGS = {
     "LEASE_SECONDS": "20", "SWEEP_EVERY_SECONDS": "5", "REDISPATCH_SECONDS": "10",
-    "INSTABATCH_CHUNK_IMAGES": "4", "DISPATCH_IN_FLIGHT": "4",
+    "INSTABATCH_CHUNK_IMAGES": "4", "DISPATCH_IN_FLIGHT": "4", "DB_IDLE_IN_TRANSACTION_SECONDS": "10",
 }
 
 # What a worker logs as a chunk ends (worker/app.py, worker/chunk.py), whichever way it ends.
@@ -119,6 +121,19 @@ def _payload(value):
     return value if isinstance(value, dict) else json.loads(value)
 
 
+def wait_both_busy(sc: Scenario, victim: str, survivor: str) -> tuple[dict, list[str]]:
+    """Until both hosts recorded runs and the victim holds running items: (runs per host, its items)."""
+    def both_hosts_busy():
+        snap = sc.sample()
+        if snap is not None and snap["finished"]:
+            raise AssertionError("the batch ended before the link could be cut; raise ITEMS")
+        done = generated_by_host(sc.stack, sc.batch_id)
+        held = running_on(sc.stack, sc.batch_id, victim)
+        return (done[victim] >= 1 and done[survivor] >= 1 and held) and (dict(done), held)
+
+    return wait_until(both_hosts_busy, 300, interval=0.1, what="both hosts generating, the victim mid-chunk")
+
+
 def test_a_batch_split_across_two_hosts_finishes_after_one_is_cut_off(hosts: Hosts) -> None:
     stack = hosts.stack
     hosts.start_workers()
@@ -126,15 +141,7 @@ def test_a_batch_split_across_two_hosts_finishes_after_one_is_cut_off(hosts: Hos
     sc = Scenario(stack, "several_hosts_cut_link", batch_body("several hosts", ITEMS))
     sc.submit()
 
-    def both_hosts_busy():
-        snap = sc.sample()
-        if snap is not None and snap["finished"]:
-            raise AssertionError("the batch ended before the link could be cut; raise ITEMS")
-        done = generated_by_host(stack, sc.batch_id)
-        held = running_on(stack, sc.batch_id, victim)
-        return (done[victim] >= 1 and done[survivor] >= 1 and held) and (dict(done), held)
-
-    done_before, held = wait_until(both_hosts_busy, 300, interval=0.1, what="both hosts generating, the victim mid-chunk")
+    done_before, held = wait_both_busy(sc, victim, survivor)
     hosts.links[0].cut()
     sc.mark_fault(f"link of {victim} cut (done so far {done_before})", held)
     result = sc.finish()
@@ -192,3 +199,41 @@ def test_a_host_whose_clock_is_behind_neither_loses_its_work_nor_kills_items(hos
     assert swept == 0 and lost == 0, f"{skewed}'s leases were taken from it while it ran: {swept} sweeps, {lost} lost"
     print(f"RESULT several_hosts_clock_skew items={ITEMS} skew_s=-{SKEW_S} runs_{skewed}={done[skewed]} "
           f"runs_{other}={done[other]} requeue_sweeps={swept} leases_lost={lost} total_s={result.total_s:.1f}", flush=True)
+
+
+# What a worker does in the middle of recording a result: the chain head is every writer's lock.
+HOLD_CHAIN_HEAD = """
+import time
+from sqlalchemy import text
+from core.db import get_engine
+with get_engine().connect() as conn:
+    conn.execute(text("UPDATE audit_chain_head SET last_seq = last_seq"))
+    print("holding the audit chain head", flush=True)
+    time.sleep(3600)
+"""
+
+
+def test_a_host_cut_off_in_the_middle_of_a_transaction_does_not_stall_the_others(hosts: Hosts) -> None:
+    """Its locks go with its session once the session sits idle in the transaction for
+    DB_IDLE_IN_TRANSACTION_SECONDS; before, they stayed until TCP gave up (hours)."""
+    stack = hosts.stack
+    victim, survivor = HOSTS
+    hosts.start_workers()
+    sc = Scenario(stack, "several_hosts_cut_in_transaction", batch_body("cut mid-transaction", ITEMS))
+    sc.submit()
+    wait_both_busy(sc, victim, survivor)
+    holder = Proc("chain-head-holder", [*hosts.links[0].wrap(), sys.executable, "-c", HOLD_CHAIN_HEAD],
+                  hosts.env_for(0), stack.logs / "holder.log", cwd=REPO_ROOT)
+    # a line of its own: the log's header line holds the command, message included
+    wait_until(lambda: "holding the audit chain head" in holder.log_text().splitlines(), 120,
+               what="the chain head held")
+    hosts.links[0].cut()
+    sc.mark_fault(f"link of {victim} cut while a session of it holds the audit chain head")
+    result = sc.finish()
+    freed = stack.query("SELECT count(*) FROM pg_stat_activity WHERE state = 'idle in transaction' "
+                        "AND client_addr = :addr", addr=hosts.links[0].peer_ip)[0][0]
+    assert freed == 0, f"{victim} still holds {freed} sessions idle in a transaction"
+    assert result.extra["states"] == f"succeeded:{ITEMS}"
+    print(f"RESULT several_hosts_cut_in_transaction items={ITEMS} "
+          f"idle_in_transaction_s={SETTINGS['DB_IDLE_IN_TRANSACTION_SECONDS']} recovery_s={result.recovery_s:.1f} "
+          f"total_s={result.total_s:.1f}", flush=True)
