@@ -1,11 +1,18 @@
-"""Several hosts for real: two workers on hosts of their own, one cut off mid-batch (issue 12).
+"""Several hosts for real: two workers on hosts of their own (issue 12).
 
 Each worker runs in a network namespace with its own hostname (tests/netns.py) and reaches the
 private PostgreSQL, Redis and S3 (moto, through a proxy on its link) only over its veth link;
-the API and beat run on this machine. One batch is split across both hosts; then one host's link
-goes down (a pulled cable: its worker keeps running, holding leases it can no longer renew) and
-the batch must finish on the other host once those leases expire, with nothing done twice
-(tests/faults/invariants.py: object count == images, sha256 match, one recorded run per item).
+the API and beat run on this machine. Three scenarios, each checked with the fault suite's
+invariants (tests/faults/invariants.py: object count == images, sha256 match, one recorded run
+per item):
+
+- one batch split across both hosts; one host's link goes down mid-batch (a pulled cable: its
+  worker keeps running, holding leases it can no longer renew) and the batch finishes on the
+  other host once those leases expire; then the link comes back and the returning worker's late
+  writes are refused;
+- one host's clock runs 90 s behind (libfaketime): it keeps every lease it takes;
+- one host is cut off while a session of it holds the audit chain head (every writer's lock):
+  the server ends that session, and the other host goes on.
 
 Delivery timings are shortened (a 20 s lease, a 5 s sweep) so the takeover is quick; the bound
 the batch must meet is derived from them (tests/faults/stack.py, ``Bounds``).
