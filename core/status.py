@@ -49,10 +49,6 @@ class BatchLine:
     def done(self) -> int:
         return sum(self.counts.get(state, 0) for state in TERMINAL)
 
-    @property
-    def progress(self) -> float:
-        return self.done / self.total_items if self.total_items else 1.0
-
 
 @dataclass
 class Snapshot:
