@@ -18,8 +18,9 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 
 from core.status import Snapshot
+from models import ItemState
 
-STATES = ("queued", "running", "succeeded", "failed", "dead", "cancelled")
+STATES = tuple(state.value for state in ItemState)
 WIDTH_WHEN_PIPED = 120  # a file or a pipe has no width: wide enough for every column, unwrapped
 
 
