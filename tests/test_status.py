@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from core.status import snapshot
-from tests.faults.services import PrivateRedis
+from tests.faults.services import REDIS_SERVER, PrivateRedis
 from tests.workerkit import Stack, build_stack, quiet_outbox, running_worker
 from worker.app import WORKER_QUEUES
 
@@ -20,6 +20,8 @@ from worker.app import WORKER_QUEUES
 def own_stack(configure, random_checkpoint, pg_url, s3_server, s3_bucket, tmp_path) -> Iterator[Stack]:
     """PostgreSQL, S3 and a Redis of this test's own: the worker count and the queue depths it
     asserts are exact, and another session's worker on a shared Redis db would take messages."""
+    if not os.path.exists(REDIS_SERVER):
+        pytest.skip("needs redis-server on PATH for a Redis of the test's own")
     broker = PrivateRedis(tmp_path, dict(os.environ))
     try:
         yield build_stack(configure, INSTABATCH_MODEL=str(random_checkpoint), DATABASE_URL=pg_url,
