@@ -11,7 +11,7 @@ WATERMARK := invisible-watermark==0.2.0
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 PIP := $(PY) -m pip install -q --disable-pip-version-check $(FIND_LINKS)
 
-.PHONY: setup demo test test-fast faults bench load browser clean
+.PHONY: setup demo test test-fast faults bench load browser faketime clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -33,7 +33,13 @@ browser:
 	  echo "installing Debian chromium for the browser tests"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
-test: setup browser
+# libfaketime skews one host's clock in tests/test_several_hosts.py (skipped without it).
+faketime:
+	@test -e /usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1 || { \
+	  echo "installing Debian faketime for the several-hosts clock test"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq faketime >/dev/null; }
+
+test: setup browser faketime
 	$(PY) -m pytest -q
 
 test-fast: setup

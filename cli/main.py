@@ -8,6 +8,7 @@
     instabatch batches list|show|...   batches on a remote API
     instabatch serve / worker / beat   the API, a Celery worker (one per GPU), the sweeper's scheduler
     instabatch db upgrade              migrate the ledger
+    instabatch status [--once]         live view: queues, workers, images/s, the newest batches
     instabatch keys create|revoke|list API keys
     instabatch teams limits|rotate-webhook-secret   a team's quotas and webhook secret
     instabatch audit ... / provenance  the audit trail; where an image came from
@@ -35,6 +36,7 @@ from cli.credentials import credentials_app
 from cli.provenance import provenance
 from cli.remote import batches_app
 from cli.remote import submit as submit_command
+from cli.status import status
 from cli.teams import teams_app
 
 app = typer.Typer(help="InstaBatch: bulk product images with one-step InstaFlow generation.",
@@ -56,6 +58,7 @@ app.add_typer(credentials_app, name="credentials")
 app.command("provenance")(provenance)
 app.command("submit")(submit_command)
 app.add_typer(batches_app, name="batches")
+app.command("status")(status)
 
 console = Console()
 PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}

@@ -11,12 +11,14 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from functools import lru_cache
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.settings import get_settings
+from core.settings import Settings, get_settings
+from models.base import as_utc, utcnow
 
 
 def normalize_url(url: str) -> str:
@@ -42,8 +44,21 @@ def make_engine(url: str) -> Engine:
                                **({} if in_memory else pool))
         event.listen(engine, "connect", _tune_sqlite)
         return engine
-    return create_engine(url, pool_pre_ping=True, connect_args={"connect_timeout": settings.db_connect_timeout},
-                         **pool)
+    connect_args = {"connect_timeout": settings.db_connect_timeout, "options": _session_options(settings)}
+    return create_engine(url, pool_pre_ping=True, connect_args=connect_args, **pool)
+
+
+# The server probes an idle connection after 30 s, every 10 s, 3 times: a vanished host's
+# connection (and its slot) is gone within about a minute.
+TCP_KEEPALIVES = {"tcp_keepalives_idle": 30, "tcp_keepalives_interval": 10, "tcp_keepalives_count": 3}
+
+
+def _session_options(settings: Settings) -> str:
+    """Server settings for each session (libpq ``options``): what frees the locks of a host cut off
+    mid-transaction (docs/architecture.md, "Several hosts")."""
+    values = {**TCP_KEEPALIVES,
+              "idle_in_transaction_session_timeout": int(settings.db_idle_in_transaction_seconds * 1000)}
+    return " ".join(f"-c {name}={value}" for name, value in values.items())
 
 
 def _tune_sqlite(dbapi_connection, _record) -> None:
@@ -96,3 +111,13 @@ def session_scope(engine: Engine | None = None) -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+def ledger_now(session: Session) -> datetime:
+    """The ledger's clock: lease expiries, claims and sends written by one host are compared by
+    another, so on PostgreSQL they all read the database server's clock, never a host's own (a
+    host whose clock is behind by a lease would lose every lease it takes; docs/architecture.md,
+    "Several hosts"). SQLite is a file on one host: that host's clock."""
+    if session.get_bind().dialect.name == "postgresql":
+        return as_utc(session.scalar(select(func.clock_timestamp())))
+    return utcnow()

@@ -31,8 +31,9 @@ from sqlalchemy import and_, exists, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.broker import GENERATE_TASK, QUEUE_FOR_PRIORITY, get_celery
+from core.db import ledger_now
 from core.settings import Settings, get_settings
-from models import Batch, Item, ItemState, Outbox, utcnow
+from models import Batch, Item, ItemState, Outbox
 from models.base import as_utc
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ def dispatch_pending(sessions: sessionmaker[Session], celery: Celery | None = No
 def mark_claimed(session: Session, outbox_id: int) -> None:
     """A worker took this chunk's message: it no longer counts as in flight."""
     session.execute(update(Outbox).where(Outbox.id == outbox_id, Outbox.claimed_at.is_(None))
-                    .values(claimed_at=utcnow()).execution_options(synchronize_session=False))
+                    .values(claimed_at=ledger_now(session)).execution_options(synchronize_session=False))
 
 
 def in_flight() -> object:
@@ -71,7 +72,7 @@ def settle_in_flight(session: Session) -> int:
     queued = set(session.scalars(select(Item.id).where(Item.id.in_(wanted), Item.state == ItemState.QUEUED.value)))
     done = [outbox_id for outbox_id, item_ids in rows if not queued.intersection(item_ids)]
     if done:
-        session.execute(update(Outbox).where(Outbox.id.in_(done)).values(claimed_at=utcnow())
+        session.execute(update(Outbox).where(Outbox.id.in_(done)).values(claimed_at=ledger_now(session))
                         .execution_options(synchronize_session=False))
     return len(done)
 
@@ -106,7 +107,7 @@ def lost_chunks(session: Session, settings: Settings, now: datetime) -> list[tup
 
 def resend_lost(sessions: sessionmaker[Session], celery: Celery, settings: Settings) -> int:
     with sessions() as session:
-        lost = lost_chunks(session, settings, utcnow())
+        lost = lost_chunks(session, settings, ledger_now(session))
         if lost:
             log.warning("sending again %d chunks whose messages the broker lost or never delivered", len(lost))
         return _publish(session, celery, lost)
@@ -224,7 +225,7 @@ def _publish(session: Session, celery: Celery, rows: list[tuple[int, list[str], 
     finally:
         if published:
             session.execute(update(Outbox).where(Outbox.id.in_(published))
-                            .values(dispatched_at=utcnow(), sends=Outbox.sends + 1)
+                            .values(dispatched_at=ledger_now(session), sends=Outbox.sends + 1)
                             .execution_options(synchronize_session=False))
         if commit:
             session.commit()

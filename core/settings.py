@@ -145,6 +145,10 @@ class Settings(BaseSettings):
     db_pool_size: int = Field(10, alias="DB_POOL_SIZE", ge=1, le=500)
     db_pool_timeout: float = Field(10.0, alias="DB_POOL_TIMEOUT", gt=0, le=300)
     db_connect_timeout: int = Field(5, alias="DB_CONNECT_TIMEOUT", ge=1, le=300)
+    # PostgreSQL ends a session left idle inside a transaction this long (0: never), and probes idle
+    # connections: a host cut off mid-transaction would otherwise hold its row locks (the audit
+    # chain head: every writer) until TCP gives up, hours later (docs/architecture.md, "Several hosts").
+    db_idle_in_transaction_seconds: float = Field(120.0, alias="DB_IDLE_IN_TRANSACTION_SECONDS", ge=0)
 
     # API: the secret that signs local object URLs (a random one is kept in var_dir when unset,
     # shared by every API process on the machine).

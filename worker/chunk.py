@@ -28,12 +28,13 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from core import audit, webhooks
+from core.db import ledger_now
 from core.dispatch import dispatch_pending, mark_claimed
 from core.logs import bind_ids
 from core.ledger import pack_by_images
 from core.params import image_seed
 from core.retry import is_transient
-from models import Batch, Item, ItemState, utcnow
+from models import Batch, Item, ItemState
 from worker import leases
 from worker.completion import complete_if_done
 from worker.context import WorkerContext, worker_identity
@@ -104,9 +105,9 @@ class ChunkRunner:
             if outbox_id is not None:
                 mark_claimed(session, outbox_id)
             self.reclaim = leases.reclaimable_owners(
-                session, item_ids, task_id=self.task_id, owner=self.owner, now=utcnow(),
+                session, item_ids, task_id=self.task_id, owner=self.owner, now=ledger_now(session),
                 lease_seconds=self.settings.lease_seconds, heartbeat_seconds=self.settings.heartbeat_seconds)
-            settled = leases.settle_unclaimable(session, item_ids, self.reclaim, self.settings.max_attempts, utcnow())
+            settled = leases.settle_unclaimable(session, item_ids, self.reclaim, self.settings.max_attempts, ledger_now(session))
             for item_id, batch_id in settled.dead:
                 audit.record(session, "item.dead", actor=self.actor, batch_id=batch_id, item_id=item_id,
                              payload={"error": leases.dead_error(self.settings.max_attempts),
@@ -135,7 +136,7 @@ class ChunkRunner:
         """
         items = self.ctx.in_ledger(lambda session: leases.claim(
             session, item_ids, owner=self.owner, reclaim=self.reclaim, lease_seconds=self.settings.lease_seconds,
-            max_attempts=self.settings.max_attempts, now=utcnow(), count_attempt=not isolate), what="the claim")
+            max_attempts=self.settings.max_attempts, now=ledger_now(session), count_attempt=not isolate), what="the claim")
         self.held.update(item.id for item in items)
         if not isolate:
             self.counted.update(item.id for item in items)
@@ -223,7 +224,7 @@ class ChunkRunner:
 
         def work(session: Session) -> set[str]:
             owned = leases.finish(session, [item.id for item in group], owner=self.owner,
-                                  state=ItemState.SUCCEEDED, now=utcnow())
+                                  state=ItemState.SUCCEEDED, now=ledger_now(session))
             for image in stored:
                 if image.item.id in owned:
                     self.steps.record(session, batch, image)
@@ -267,7 +268,7 @@ class ChunkRunner:
     def _end_item(self, batch: BatchView, item: ClaimedItem, state: ItemState, error: str,
                   action: str = "item.failed") -> None:
         def work(session: Session) -> set[str]:
-            owned = leases.finish(session, [item.id], owner=self.owner, state=state, now=utcnow(), error=error)
+            owned = leases.finish(session, [item.id], owner=self.owner, state=state, now=ledger_now(session), error=error)
             if owned:
                 audit.record(session, action, actor=self.actor, batch_id=batch.id, item_id=item.id,
                              payload={"error": error, "attempt": item.attempts, "task_id": self.task_id})
@@ -281,7 +282,7 @@ class ChunkRunner:
     def _cancel_held(self, batch: BatchView, items: list[ClaimedItem]) -> None:
         def work(session: Session) -> set[str]:
             owned = leases.finish(session, [item.id for item in items], owner=self.owner,
-                                  state=ItemState.CANCELLED, now=utcnow())
+                                  state=ItemState.CANCELLED, now=ledger_now(session))
             if owned:
                 audit.record(session, "items.cancelled", actor=self.actor, batch_id=batch.id,
                              payload={"items": sorted(owned), "task_id": self.task_id})

@@ -12,9 +12,10 @@ from sqlalchemy import exists, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from core import audit, webhooks
+from core.db import ledger_now
 from core.ledger import batch_status, state_counts
 from core.settings import Settings
-from models import Batch, BatchStatus, Item, ItemState, utcnow
+from models import Batch, BatchStatus, Item, ItemState
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,7 @@ def complete_if_done(sessions: sessionmaker[Session], batch_id: str, *, actor: s
         active_items = exists().where(Item.batch_id == Batch.id, Item.state.in_(ItemState.active()))
         won = session.execute(
             update(Batch).where(Batch.id == batch_id, Batch.finished_at.is_(None), ~active_items)
-            .values(finished_at=utcnow()).returning(Batch.id).execution_options(synchronize_session=False)
+            .values(finished_at=ledger_now(session)).returning(Batch.id).execution_options(synchronize_session=False)
         ).first()
         if won is None:
             session.rollback()

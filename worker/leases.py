@@ -26,8 +26,9 @@ from sqlalchemy import and_, func, literal, or_, select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
+from core.db import ledger_now
 from core.ledger import cancelled_batches, enqueue_chunks
-from models import Batch, Item, ItemState, utcnow
+from models import Batch, Item, ItemState
 from models.base import as_utc
 
 log = logging.getLogger(__name__)
@@ -194,7 +195,7 @@ class Heartbeat:
         while not self._stop.wait(self.every):
             try:
                 with self.sessions() as session:
-                    renew(session, owner=self.owner, lease_seconds=self.lease_seconds, now=utcnow())
+                    renew(session, owner=self.owner, lease_seconds=self.lease_seconds, now=ledger_now(session))
                     session.commit()
             except Exception as error:  # a database blink: the lease outlasts two missed beats
                 log.warning("lease heartbeat of %s failed: %s", self.owner, error)

@@ -19,11 +19,12 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from core import audit, webhooks
 from core.broker import get_celery
+from core.db import ledger_now
 from core.dispatch import dispatch_pending
 from core.ledger import cancelled_batches
 from core.review import republish_pending
 from core.settings import Settings, get_settings
-from models import Batch, Item, ItemState, utcnow
+from models import Batch, Item, ItemState
 from worker import leases
 from worker.completion import complete_if_done
 
@@ -51,7 +52,8 @@ def sweep(sessions: sessionmaker[Session], celery: Celery | None = None, setting
     sharing the ledger runs on this host in one process namespace: the embedded setup.
     """
     settings = settings or get_settings()
-    now = utcnow()
+    with sessions() as session:  # the clock every host's leases were written with
+        now = ledger_now(session)
     dead_owners = [abandoned_by] if abandoned_by else []
     if reclaim_dead_local:
         dead_owners += dead_local_workers(sessions)

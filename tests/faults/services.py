@@ -154,7 +154,10 @@ class PrivatePostgres:
 
     TEMPLATE = "instabatch_template"
 
-    def __init__(self) -> None:
+    def __init__(self, listen: Sequence[str] = ("127.0.0.1",), clients: Sequence[str] = ()) -> None:
+        """``listen``: loopback, plus the host side of each link for tests/netns.py's hosts;
+        ``clients``: networks (CIDR) allowed in besides loopback, the links' other ends."""
+        self.listen = tuple(listen)
         self.dir = Path(tempfile.mkdtemp(prefix="instabatch-faults-pg-"))
         os.chmod(self.dir, 0o755)
         if os.geteuid() == 0:
@@ -163,6 +166,9 @@ class PrivatePostgres:
         self.log = self.dir / "postgres.log"
         self.port = free_port()
         self._run([str(PG_BIN / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres", "-E", "UTF8"])
+        if clients:
+            hba = self.data / "pg_hba.conf"
+            hba.write_text(hba.read_text() + "".join(f"host all all {network} trust\n" for network in clients))
         self.start()
         self._template_ready = False
 
@@ -178,7 +184,8 @@ class PrivatePostgres:
         self._run([str(PG_BIN / "pg_ctl"), "-D", str(self.data), *args], timeout=timeout)
 
     def start(self) -> None:
-        options = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c max_connections=200 -c fsync=off"
+        options = (f"-p {self.port} -k {self.dir} -c listen_addresses={','.join(self.listen)} "
+                   "-c max_connections=200 -c fsync=off")
         self._pg_ctl("-o", options, "-l", str(self.log), "-w", "-t", "60", "start")
 
     def stop(self, mode: str = "fast") -> None:
@@ -230,9 +237,10 @@ class PrivatePostgres:
 class PrivateRedis:
     """A Redis of the suite's own, without persistence: a restart loses every message."""
 
-    def __init__(self, root: Path, env: dict[str, str]):
+    def __init__(self, root: Path, env: dict[str, str], listen: Sequence[str] = ("127.0.0.1",)):
         self.root = root
         self.env = env
+        self.listen = tuple(listen)
         self.port = free_port()
         self.proc: Proc | None = None
         self.restarts = 0
@@ -243,7 +251,7 @@ class PrivateRedis:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        command = [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+        command = [REDIS_SERVER, "--port", str(self.port), "--bind", *self.listen, "--save", "", "--appendonly", "no",
                    "--daemonize", "no", "--dir", str(self.root), "--protected-mode", "no"]
         self.proc = Proc("redis", command, self.env, self.root / "redis.log")
         wait_for_port(self.port, timeout=30)
@@ -288,9 +296,10 @@ class TcpProxy:
     """A loopback TCP proxy in front of a server; ``down()`` refuses new connections and cuts the
     open ones (the server looks stopped), ``up()`` listens again on the same port."""
 
-    def __init__(self, target_port: int, name: str = "proxy"):
+    def __init__(self, target_port: int, name: str = "proxy", host: str = "127.0.0.1"):
         self.target = ("127.0.0.1", target_port)
         self.name = name
+        self.host = host  # the address it listens on (the host side of a link in tests/netns.py)
         self.port = free_port()
         self._lock = threading.Lock()
         self._sockets: set[socket.socket] = set()
@@ -302,7 +311,7 @@ class TcpProxy:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def up(self) -> None:
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -310,7 +319,7 @@ class TcpProxy:
         deadline = time.monotonic() + 30
         while True:
             try:
-                listener.bind(("127.0.0.1", self.port))
+                listener.bind((self.host, self.port))
                 break
             except OSError:
                 if time.monotonic() > deadline:

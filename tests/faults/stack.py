@@ -108,9 +108,9 @@ class Bounds:
 class Infra:
     """What lives for the whole session: the PostgreSQL cluster and the moto server."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, listen: Sequence[str] = ("127.0.0.1",), clients: Sequence[str] = ()):
         self.root = root
-        self.pg = PrivatePostgres()
+        self.pg = PrivatePostgres(listen, clients)
         self.moto = MotoServer(root, base_env(root / "var"))
 
     def close(self) -> None:
@@ -121,7 +121,10 @@ class Infra:
 class FaultStack:
     """A scenario's stack: its own database, Redis, bucket, proxy, API, beat and workers."""
 
-    def __init__(self, infra: Infra, root: Path, name: str):
+    def __init__(self, infra: Infra, root: Path, name: str, *, listen: Sequence[str] = ("127.0.0.1",),
+                 settings_env: dict[str, str] | None = None):
+        """``listen``: where the private Redis listens (tests/netns.py adds the links' host sides);
+        ``settings_env``: product settings every process of the stack runs with (shorter leases...)."""
         import boto3
 
         self.infra = infra
@@ -130,7 +133,8 @@ class FaultStack:
         self.logs = root / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.env = base_env(root / "var")
-        self.redis = PrivateRedis(root, self.env)
+        self.env.update(settings_env or {})
+        self.redis = PrivateRedis(root, self.env, listen)
         self.bucket = f"faults-{name.replace('_', '-')[:30]}-{uuid.uuid4().hex[:6]}"
         self.s3 = boto3.client("s3", endpoint_url=infra.moto.url, region_name="us-east-1",
                                aws_access_key_id="faults", aws_secret_access_key="faults")
@@ -182,13 +186,15 @@ class FaultStack:
         return self.beat
 
     def start_worker(self, pool: str = "solo", concurrency: int = 1, app: str = "worker.celery_app",
-                     wait: bool = True) -> Proc:
-        """A worker as ``instabatch worker`` / docker-compose run it (cli.supervisor's command line)."""
+                     wait: bool = True, *, wrap: Sequence[str] = (), env: dict[str, str] | None = None) -> Proc:
+        """A worker as ``instabatch worker`` / docker-compose run it (cli.supervisor's command line).
+        ``wrap``/``env``: a command prefix and environment of its own (tests/netns.py: another host)."""
         index = len(self.workers) + 1
         name = f"{pool}{index}"
         command = worker_command(pool=pool, concurrency=concurrency, loglevel="INFO", queues=WORKER_QUEUES,
                                  name=f"{name}-{os.getpid()}@%h", app=app)
-        proc = Proc(f"worker-{name}", command, self.env, self.logs / f"worker-{name}.log", cwd=REPO_ROOT)
+        proc = Proc(f"worker-{name}", [*wrap, *command], env or self.env, self.logs / f"worker-{name}.log",
+                    cwd=REPO_ROOT)
         proc.pool = pool  # type: ignore[attr-defined]
         self.workers.append(proc)
         if wait:
