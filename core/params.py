@@ -39,6 +39,16 @@ class RefineParams(BaseModel):
     upscale: Literal[1, 2] = Field(1, description="resize factor before refining")
 
 
+class OutputParams(BaseModel):
+    """``params.output``: the file format of the batch's images (docs/architecture.md, "Output formats")."""
+
+    model_config = STRICT
+
+    format: Literal["png", "webp", "jpeg"] = Field("png", description="png (lossless), webp or jpeg")
+    quality: int = Field(90, ge=1, le=100, description="webp and jpeg quality; png ignores it "
+                                                       "(its zlib level is the INSTABATCH_PNG_COMPRESS_LEVEL setting)")
+
+
 class GenerationParams(BaseModel):
     """``params``: how every image of the batch is generated."""
 
@@ -51,6 +61,7 @@ class GenerationParams(BaseModel):
     num_inference_steps: int = Field(1, ge=1, le=MAX_STEPS, description="Euler steps; 1 for InstaFlow")
     negative_prompt: str | None = Field(None, description="only with guidance_scale > 1")
     refine: RefineParams = Field(default_factory=RefineParams)
+    output: OutputParams = Field(default_factory=OutputParams)
     model: Literal["default"] = "default"
 
     @classmethod
@@ -68,6 +79,8 @@ class GenerationParams(BaseModel):
         fields = {"width": self.width, "height": self.height, "num_inference_steps": self.num_inference_steps,
                   "guidance_scale": float(self.guidance_scale), "negative_prompt": self.negative_prompt or None,
                   "refine": self.refine_options}
+        if self.output != OutputParams():  # PNG, as before formats: the same provenance, the same bytes
+            fields["output"] = self.output.model_dump()
         return json.dumps(fields, sort_keys=True, separators=(",", ":"))
 
     @field_validator("width", "height")

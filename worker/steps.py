@@ -1,29 +1,34 @@
-"""The image steps: render → store → check → record, as public methods the chunk runner and the
-reviewer's regenerate (``worker/regenerate.py``) both call.
+"""The image steps, as public stage functions the chunk runner and the reviewer's regenerate
+(``worker/regenerate.py``) both call:
 
-    render  one forward pass for a list of (item, index, seed) jobs, each image encoded as PNG
-            with its provenance
-    store   each PNG under its write-once key (several uploads at once)
-    check   QC on the stored images; QC never fails generation
-    record  the image row, its QC rows and the ``qc.verdict`` event, in the caller's transaction
+    generate  one forward pass for a list of (item, index, seed) jobs; a pass that runs out of
+              device memory is split in half, down to one image ("Out of device memory")
+    encode    each image to the batch's format with its provenance (core.provenance.encode_image),
+              in the worker's encoder pool
+    store     each file under its write-once key (several uploads at once)
+    check     QC on the stored images; QC never fails generation
+    record    the image rows and their QC rows, bulk-inserted in the caller's transaction; returns
+              the ``qc.verdict`` events for the caller to append with its own in one chain update
+
+``render`` is generate + encode, for a caller that does not overlap them.
 """
 from __future__ import annotations
 
 import logging
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
-from sqlalchemy import select
+from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
-from core import audit
 from core.params import GenerationParams
-from core.provenance import encode_png
+from core.provenance import CONTENT_TYPES, Encoding, encode_image
 from models import Batch, Image, QcResult, utcnow
 from models.base import new_id
+from worker import metrics
 from worker.context import WorkerContext
 from worker.leases import ClaimedItem
 from worker.records import object_metadata, provenance, storage_key
@@ -39,20 +44,28 @@ class BatchView:
     id: str
     params: dict[str, Any]
     generation_params: GenerationParams
+    encoding: Encoding = field(default_factory=Encoding)
 
 
 @dataclass
-class RenderedImage:
-    """A generated image, encoded as PNG with its provenance."""
+class GeneratedImage:
+    """An image off the device, with the provenance its file will carry."""
 
     item: ClaimedItem
     index: int
     seed: int
-    picture: Any  # PIL image, for QC
+    picture: Any  # PIL image, for QC and the encoder
     nsfw: bool
-    png: bytes
     record: dict[str, Any]
     timings: dict[str, float]
+
+
+@dataclass
+class RenderedImage(GeneratedImage):
+    """A generated image encoded in its batch's format."""
+
+    data: bytes = b""
+    content_type: str = "image/png"
 
 
 @dataclass
@@ -68,6 +81,11 @@ class UploadedImage:
     @property
     def item(self) -> ClaimedItem:
         return self.rendered.item
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """torch.cuda.OutOfMemoryError, told by name so this module never imports torch."""
+    return any(kind.__name__ == "OutOfMemoryError" for kind in type(error).__mro__)
 
 
 class ImageSteps:
@@ -91,37 +109,73 @@ class ImageSteps:
                 return params, hashes
 
             params, hashes = self.ctx.in_ledger(read, what="reading the batch")
-            self._batches[batch_id] = BatchView(batch_id, params, GenerationParams.from_batch(params))
+            generation = GenerationParams.from_batch(params)
+            encoding = Encoding(generation.output.format, generation.output.quality,
+                                self.ctx.settings.png_compress_level)
+            self._batches[batch_id] = BatchView(batch_id, params, generation, encoding)
             self._known_hashes[batch_id] = {int(phash, 16): image_id for phash, image_id in hashes}
         return self._batches[batch_id]
 
     def render(self, batch: BatchView, jobs: list[Job]) -> list[RenderedImage]:
-        """One forward pass for every job, each image encoded as PNG with its provenance."""
+        """generate, then encode."""
+        return self.encode(batch, self.generate(batch, jobs))
+
+    def generate(self, batch: BatchView, jobs: list[Job], *, pad: bool = True) -> list[GeneratedImage]:
+        """One forward pass for every job. Out of device memory, the pass is split in half (down to one
+        image), each half unpadded: padding back up would run out of memory again."""
+        try:
+            return self._generate_once(batch, jobs, pad)
+        except SoftTimeLimitExceeded:
+            raise
+        except Exception as error:
+            if not is_out_of_memory(error) or len(jobs) == 1:
+                raise
+            half = len(jobs) // 2
+            log.warning("out of device memory with %d images; splitting into %d + %d", len(jobs), half,
+                        len(jobs) - half)
+            metrics.item_failure("oom_split")
+            self.ctx.model.free_cache()
+            return self.generate(batch, jobs[:half], pad=False) + self.generate(batch, jobs[half:], pad=False)
+
+    def _generate_once(self, batch: BatchView, jobs: list[Job], pad: bool) -> list[GeneratedImage]:
         model = self.ctx.model
-        result = model.generate([item.prompt for item, _, _ in jobs], [seed for _, _, seed in jobs], batch.generation_params)
-        began = time.perf_counter()
+        unpadded = {} if pad else {"pad": False}  # engines that never split need not know the keyword
+        result = model.generate([item.prompt for item, _, _ in jobs], [seed for _, _, seed in jobs],
+                                batch.generation_params, **unpadded)
         identity = {"model": model.model_id, "weights_sha256": model.weights_sha256}
         extra = model.refiner_identity() if batch.generation_params.refine_options else None
-        records = [
-            provenance(item_id=item.id, batch_id=item.batch_id, external_id=item.external_id, prompt=item.prompt,
-                       seed=seed, index=index, params=batch.generation_params.canonical(), extra=extra, **identity)
-            for item, index, seed in jobs
-        ]
-        pngs = [encode_png(picture, record) for picture, record in zip(result.images, records)]
-        stages = {**result.seconds, "encode": time.perf_counter() - began}
-        for name, seconds in stages.items():
+        for name, seconds in result.seconds.items():
             self.seconds[name] += seconds
+            metrics.observe_stage(name, seconds)
         return [
-            RenderedImage(item, index, seed, picture, flag, png, record,
-                          {name: seconds / len(jobs) for name, seconds in stages.items()})
-            for (item, index, seed), picture, flag, png, record
-            in zip(jobs, result.images, result.nsfw_flags, pngs, records)
+            GeneratedImage(item, index, seed, picture, flag, provenance(
+                item_id=item.id, batch_id=item.batch_id, external_id=item.external_id, prompt=item.prompt,
+                seed=seed, index=index, params=batch.generation_params.canonical(), extra=extra, **identity),
+                {name: seconds / len(jobs) for name, seconds in result.seconds.items()})
+            for (item, index, seed), picture, flag in zip(jobs, result.images, result.nsfw_flags)
         ]
 
-    def store(self, rendered: list[RenderedImage]) -> list[UploadedImage]:
+    def encode(self, batch: BatchView, images: list[GeneratedImage]) -> list[RenderedImage]:
+        """Each image in the batch's format with its provenance, in the worker's encoder pool."""
+        began = time.perf_counter()
+        files = list(self.ctx.encoders.map(encode_image, [image.picture for image in images],
+                                           [batch.encoding] * len(images), [image.record for image in images]))
+        elapsed = time.perf_counter() - began
+        self.seconds["encode"] += elapsed
+        metrics.observe_stage("encode", elapsed)
+        content_type = CONTENT_TYPES[batch.encoding.format]
+        for image in images:
+            image.timings["encode"] = elapsed / len(images)
+        return [RenderedImage(**{name: getattr(image, name) for name in GeneratedImage.__dataclass_fields__},
+                              data=data, content_type=content_type)
+                for image, data in zip(images, files)]
+
+    def store(self, batch: BatchView, rendered: list[RenderedImage]) -> list[UploadedImage]:
         """Each image under its deterministic key (a redelivered chunk adopts the object already there)."""
         def put(image: RenderedImage) -> UploadedImage:
-            return self.upload(image, storage_key(image.item.batch_id, image.item.seq, image.item.id, image.index))
+            item = image.item
+            return self.upload(image, storage_key(item.batch_id, item.seq, item.id, image.index,
+                                                  extension=batch.encoding.extension))
 
         began = time.perf_counter()
         # Uploads are network-bound: several at once (boto3 clients are thread-safe).
@@ -133,7 +187,7 @@ class ImageSteps:
                metadata: dict[str, Any] | None = None) -> UploadedImage:
         """One image under ``key``; ``metadata`` adds to its provenance in the object's metadata."""
         metadata = object_metadata({**image.record, **(metadata or {})})
-        result = self.ctx.retry(lambda: self.ctx.store.put(key, image.png, metadata), what=f"storing {key}")
+        result = self.ctx.retry(lambda: self.ctx.store.put(key, image.data, metadata, image.content_type), what=f"storing {key}")
         return UploadedImage(image_id or new_id(), image, key, result.sha256)
 
     def check(self, batch: BatchView, stored: list[UploadedImage]) -> None:
@@ -155,37 +209,48 @@ class ImageSteps:
             image.qc = outcome
         self._time("qc", began, stored)
 
-    def record(self, session: Session, batch: BatchView, image: UploadedImage) -> None:
-        """The image row with its QC rows and the ``qc.verdict`` event, in the caller's transaction."""
-        model = self.ctx.model
+    def record(self, session: Session, batch: BatchView, images: list[UploadedImage], *,
+               parent_image_id: str | None = None) -> list[dict[str, Any]]:
+        """The image rows and their QC rows, bulk-inserted in the caller's transaction; returns the
+        ``qc.verdict`` events, for the caller to append with its own (core.audit.record_many)."""
+        if not images:
+            return []
+        now = utcnow()
+        session.execute(insert(Image), [self._image_row(batch, image, parent_image_id, now) for image in images])
+        qc_rows = [{"image_id": image.id, "scorer": row["scorer"], "scorer_version": row["version"],
+                    "metrics": row["metrics"], "thresholds": row["thresholds"], "verdict": row["verdict"],
+                    "reasons": row["reasons"], "created_at": now}
+                   for image in images if image.qc is not None
+                   for row in (result.to_dict() for result in image.qc.results)]
+        if qc_rows:
+            session.execute(insert(QcResult), qc_rows)
+        return [self._verdict_event(batch, image) for image in images if image.qc is not None]
+
+    def _image_row(self, batch: BatchView, image: UploadedImage, parent_image_id: str | None,
+                   now: Any) -> dict[str, Any]:
+        model, outcome, rendered = self.ctx.model, image.qc, image.rendered
+        return {
+            "id": image.id, "item_id": image.item.id, "batch_id": batch.id, "index": rendered.index,
+            "seed": rendered.seed, "storage_key": image.key, "sha256": image.sha256,
+            "width": rendered.picture.width, "height": rendered.picture.height, "model_id": model.model_id,
+            "weights_sha256": model.weights_sha256, "refine": self.refine_record(batch),
+            "timings": {name: round(value, 6) for name, value in rendered.timings.items()},
+            "phash": outcome.to_dict()["phash"] if outcome is not None else None,
+            "qc_verdict": outcome.verdict if outcome is not None else "review",  # QC failed: a human looks
+            "qc_reasons": list(outcome.reasons) if outcome is not None else ["qc_error"],
+            "parent_image_id": parent_image_id, "created_at": now,
+        }
+
+    def _verdict_event(self, batch: BatchView, image: UploadedImage) -> dict[str, Any]:
         outcome = image.qc
-        verdict = outcome.verdict if outcome is not None else "review"  # QC failed: a human looks
-        reasons = list(outcome.reasons) if outcome is not None else ["qc_error"]
-        phash = outcome.to_dict()["phash"] if outcome is not None else None
-        rendered = image.rendered
-        session.add(Image(
-            id=image.id, item_id=image.item.id, batch_id=batch.id, index=rendered.index, seed=rendered.seed,
-            storage_key=image.key, sha256=image.sha256, width=rendered.picture.width, height=rendered.picture.height,
-            model_id=model.model_id, weights_sha256=model.weights_sha256, refine=self.refine_record(batch),
-            timings={name: round(value, 6) for name, value in rendered.timings.items()},
-            phash=phash, qc_verdict=verdict, qc_reasons=reasons, created_at=utcnow(),
-        ))
-        if outcome is None:
-            return
-        session.flush()  # the image row first: qc_results point at it
-        for result in outcome.results:
-            row = result.to_dict()
-            session.add(QcResult(image_id=image.id, scorer=row["scorer"], scorer_version=row["version"],
-                                 metrics=row["metrics"], thresholds=row["thresholds"], verdict=row["verdict"],
-                                 reasons=row["reasons"], created_at=utcnow()))
-        audit.record(session, "qc.verdict", actor=self.actor, batch_id=batch.id, item_id=image.item.id,
-                     image_id=image.id, payload={
-                         "verdict": verdict, "reasons": reasons, "advisories": list(outcome.advisories),
-                         "phash": phash,
-                         "scorers": [{"scorer": r.scorer, "version": r.version, "verdict": r.verdict}
-                                     for r in outcome.results],
-                         "notes": list(getattr(outcome, "notes", []) or []),
-                     })
+        return {"action": "qc.verdict", "actor": self.actor, "batch_id": batch.id, "item_id": image.item.id,
+                "image_id": image.id, "payload": {
+                    "verdict": outcome.verdict, "reasons": list(outcome.reasons),
+                    "advisories": list(outcome.advisories), "phash": outcome.to_dict()["phash"],
+                    "scorers": [{"scorer": r.scorer, "version": r.version, "verdict": r.verdict}
+                                for r in outcome.results],
+                    "notes": list(getattr(outcome, "notes", []) or []),
+                }}
 
     def remember_hashes(self, batch: BatchView, recorded: list[UploadedImage]) -> None:
         """Recorded images count as known for the duplicate check of the task's later micro-batches."""
@@ -201,5 +266,6 @@ class ImageSteps:
     def _time(self, stage: str, began: float, images: list[UploadedImage]) -> None:
         elapsed = time.perf_counter() - began
         self.seconds[stage] += elapsed
+        metrics.observe_stage("upload" if stage == "store" else stage, elapsed)
         for image in images:
             image.rendered.timings[stage] = elapsed / len(images)
