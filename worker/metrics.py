@@ -24,8 +24,8 @@ STAGE_SECONDS = Histogram("instabatch_stage_seconds", "Seconds one stage took fo
 IMAGES = Counter("instabatch_images_total", "Images recorded, by model and QC verdict", ["model", "verdict"])
 ITEM_FAILURES = Counter("instabatch_item_failures_total", "Items failed or set back, by reason", ["reason"])
 MODEL_LOAD_SECONDS = Gauge("instabatch_model_load_seconds", "Seconds the last model load took")
-GPU_MEMORY = Gauge("instabatch_gpu_memory_bytes", "CUDA memory allocated by this process (only with CUDA)")
 
+_gpu_memory: Gauge | None = None  # registered on the first CUDA sample: absent on CPU workers
 _served: set[int] = set()
 _lock = threading.Lock()
 
@@ -50,9 +50,14 @@ def sample_gpu_memory() -> None:
     """Only where torch is loaded and CUDA is up: the series is absent on CPU workers."""
     import sys
 
+    global _gpu_memory
     torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
-        GPU_MEMORY.set(torch.cuda.memory_allocated())
+    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return
+    with _lock:
+        if _gpu_memory is None:
+            _gpu_memory = Gauge("instabatch_gpu_memory_bytes", "CUDA memory allocated by this process")
+    _gpu_memory.set(torch.cuda.memory_allocated())
 
 
 def serve(port: int, offset: int = 0) -> int | None:
