@@ -86,7 +86,7 @@ class Settings(BaseSettings):
     # Overlapped stages: micro-batches rendered but not yet recorded, at most (back-pressure: the
     # device waits rather than memory growing); threads or processes that encode images; PNG's
     # zlib level (1 is about twice as fast as 6 for a few per cent more bytes, docs/performance.md).
-    pipeline_depth: int = Field(2, alias="INSTABATCH_PIPELINE_DEPTH", ge=1, le=64)
+    pipeline_depth: int = Field(2, alias="INSTABATCH_PIPELINE_DEPTH", ge=0, le=64)  # 0: no overlap
     encode_workers: int = Field(2, alias="INSTABATCH_ENCODE_WORKERS", ge=1, le=256)
     encode_pool: Literal["thread", "process"] = Field("thread", alias="INSTABATCH_ENCODE_POOL")
     png_compress_level: int = Field(6, alias="INSTABATCH_PNG_COMPRESS_LEVEL", ge=0, le=9)

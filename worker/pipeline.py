@@ -33,10 +33,13 @@ class Overlap:
 
     def __init__(self, executor: Executor, depth: int):
         self._executor = executor
-        self._depth = max(depth, 1)
+        self._depth = depth  # 0: no overlap, each job runs on the caller's thread (the benchmark's "naive")
         self._pending: deque[Future[Any]] = deque()
 
     def submit(self, work: Callable[[], Any]) -> None:
+        if self._depth == 0:
+            work()
+            return
         while len(self._pending) >= self._depth:
             self._pending.popleft().result()
         self._pending.append(self._executor.submit(work))
