@@ -7,6 +7,7 @@ from models.tables import (
     AuditEvent,
     Batch,
     Image,
+    ImagePhashBand,
     Item,
     Outbox,
     QcResult,
@@ -14,6 +15,6 @@ from models.tables import (
 )
 
 __all__ = [
-    "ApiKey", "AuditChainHead", "AuditEvent", "Base", "Batch", "BatchStatus", "Image", "Item",
+    "ApiKey", "AuditChainHead", "AuditEvent", "Base", "Batch", "BatchStatus", "Image", "ImagePhashBand", "Item",
     "ItemState", "Outbox", "QcResult", "Review", "ReviewDecision", "Role", "Verdict", "utcnow",
 ]

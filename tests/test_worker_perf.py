@@ -148,3 +148,27 @@ def test_a_running_worker_serves_stage_histograms_on_its_metrics_port(configure,
     assert f'instabatch_images_total{{model="{image.model_id}",verdict=' in body
     assert "instabatch_model_load_seconds " in body
     assert ("instabatch_gpu_memory_bytes" in body) == torch.cuda.is_available()  # the gauge exists only with CUDA
+
+
+def test_a_duplicate_in_a_later_chunk_is_found_through_the_band_index(configure, random_checkpoint):
+    from core import ledger
+    from models import ImagePhashBand, QcResult
+
+    stack = build_stack(configure, INSTABATCH_MODEL=str(random_checkpoint), INSTABATCH_MICRO_BATCH="2",
+                        INSTABATCH_CHUNK_IMAGES="2")
+    twins = [ledger.ItemSpec(prompt="a red mug", external_id=f"twin-{n}", seed=7) for n in range(2)]
+    others = [ledger.ItemSpec(prompt=prompt, external_id=f"other-{n}", seed=100 + n) for n, prompt in enumerate(PROMPTS[1:3])]
+    batch_id = stack.submit(twins[:1] + others + twins[1:], params={"width": 64, "height": 64})  # twins 3 chunks apart
+    with running_worker(stack):
+        assert stack.wait_until_done(batch_id)["succeeded"] == 4
+    images = {image.item_id: image for image in stack.images(batch_id)}
+    items = {item.external_id: item for item in stack.items(batch_id)}
+    first, second = images[items["twin-0"].id], images[items["twin-1"].id]
+    assert first.phash == second.phash
+    assert "near_duplicate" in second.qc_reasons and "near_duplicate" not in first.qc_reasons
+    with stack.sessions() as session:
+        metrics = session.scalar(select(QcResult.metrics).where(QcResult.image_id == second.id,
+                                                                QcResult.scorer == "duplicate"))
+        bands = session.scalars(select(ImagePhashBand.image_id).where(ImagePhashBand.batch_id == batch_id)).all()
+    assert metrics["twin_ref"] == first.id and metrics["nearest_distance"] == 0
+    assert sorted(bands) == sorted(image.id for image in images.values() for _ in range(4))

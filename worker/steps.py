@@ -26,10 +26,13 @@ from sqlalchemy.orm import Session
 
 from core.params import GenerationParams
 from core.provenance import CONTENT_TYPES, Encoding, encode_image
-from models import Batch, Image, QcResult, utcnow
+from models import Batch, Image, ImagePhashBand, QcResult, utcnow
+from qc.phash import BAND_MAX_DISTANCE, HashIndex
+from qc.results import phash_to_hex
 from models.base import new_id
 from worker import metrics
 from worker.context import WorkerContext
+from worker.duplicates import LedgerHashIndex, band_rows
 from worker.leases import ClaimedItem
 from worker.records import object_metadata, provenance, storage_key
 
@@ -96,25 +99,31 @@ class ImageSteps:
         self.actor = actor
         self.seconds: dict[str, float] = defaultdict(float)
         self._batches: dict[str, BatchView] = {}
-        self._known_hashes: dict[str, dict[int, str]] = {}
+        self._known_hashes: dict[str, HashIndex] = {}  # only with a duplicate threshold past the bands
 
     def batch(self, batch_id: str) -> BatchView:
-        """The batch's params, and the perceptual hashes of its images so far (for duplicates)."""
+        """The batch's params, read once per task."""
         if batch_id not in self._batches:
-            def read(session: Session) -> tuple[dict[str, Any], list[Any]]:
-                params = session.scalar(select(Batch.params).where(Batch.id == batch_id)) or {}
-                hashes = session.execute(
-                    select(Image.phash, Image.id).where(Image.batch_id == batch_id, Image.phash.is_not(None))
-                ).all()
-                return params, hashes
-
-            params, hashes = self.ctx.in_ledger(read, what="reading the batch")
+            params = self.ctx.in_ledger(lambda session: session.scalar(select(Batch.params).where(Batch.id == batch_id)),
+                                        what="reading the batch") or {}
             generation = GenerationParams.from_batch(params)
             encoding = Encoding(generation.output.format, generation.output.quality,
                                 self.ctx.settings.png_compress_level)
             self._batches[batch_id] = BatchView(batch_id, params, generation, encoding)
-            self._known_hashes[batch_id] = {int(phash, 16): image_id for phash, image_id in hashes}
         return self._batches[batch_id]
+
+    def known_hashes(self, batch_id: str) -> HashIndex:
+        """The batch's recorded pHashes for the duplicate check: an indexed query per image
+        (worker/duplicates.py); the whole batch's, loaded once per task, only when the duplicate
+        threshold is wider than the bands can find."""
+        if self.ctx.quality_checker.settings.duplicate_max_distance <= BAND_MAX_DISTANCE:
+            return LedgerHashIndex(lambda work: self.ctx.in_ledger(work, what="the duplicate look-up"), batch_id)
+        if batch_id not in self._known_hashes:
+            rows = self.ctx.in_ledger(lambda session: session.execute(
+                select(Image.phash, Image.id).where(Image.batch_id == batch_id, Image.phash.is_not(None))).all(),
+                what="reading the batch's pHashes")
+            self._known_hashes[batch_id] = HashIndex({int(phash, 16): image_id for phash, image_id in rows})
+        return self._known_hashes[batch_id]
 
     def render(self, batch: BatchView, jobs: list[Job]) -> list[RenderedImage]:
         """generate, then encode."""
@@ -199,7 +208,7 @@ class ImageSteps:
             outcomes = self.ctx.quality_checker.check([image.rendered.picture for image in stored],
                                      [image.item.prompt for image in stored],
                                      nsfw_flags=[image.rendered.nsfw for image in stored],
-                                     known_hashes=self._known_hashes[batch.id])
+                                     known_hashes=self.known_hashes(batch.id))
         except SoftTimeLimitExceeded:
             raise
         except Exception:  # QC never fails generation: the images go to a human instead
@@ -224,6 +233,10 @@ class ImageSteps:
                    for row in (result.to_dict() for result in image.qc.results)]
         if qc_rows:
             session.execute(insert(QcResult), qc_rows)
+        bands = [row for image in images if image.qc is not None and image.qc.phash is not None
+                 for row in band_rows(batch.id, image.id, phash_to_hex(image.qc.phash))]
+        if bands:
+            session.execute(insert(ImagePhashBand), bands)
         return [self._verdict_event(batch, image) for image in images if image.qc is not None]
 
     def _image_row(self, batch: BatchView, image: UploadedImage, parent_image_id: str | None,
@@ -253,10 +266,11 @@ class ImageSteps:
                 }}
 
     def remember_hashes(self, batch: BatchView, recorded: list[UploadedImage]) -> None:
-        """Recorded images count as known for the duplicate check of the task's later micro-batches."""
+        """Recorded images count as known for a loaded index (the ledger index reads them itself)."""
+        index = self._known_hashes.get(batch.id)
         for image in recorded:
-            if image.qc is not None and image.qc.phash is not None:
-                self._known_hashes[batch.id][image.qc.phash] = image.id
+            if index is not None and image.qc is not None and image.qc.phash is not None:
+                index.add(image.qc.phash, image.id)
 
     def refine_record(self, batch: BatchView) -> dict[str, Any] | None:
         """The refine settings and the refiner's identity, when the batch refines."""
