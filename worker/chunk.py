@@ -221,14 +221,16 @@ class ChunkRunner:
 
     def _finish(self, batch: BatchView, group: list[ClaimedItem], generated: list[GeneratedImage],
                 started: float) -> None:
-        """encode → store → check → record, on the finishing thread. Errors past encoding are the
-        infrastructure's (storage, database): they fail the task, which gives its items back,
-        rather than failing items that did nothing wrong."""
+        """QC on the checker thread beside encode → store on this one, then record. Errors past
+        encoding are the infrastructure's (storage, database): they fail the task, which gives
+        its items back, rather than failing items that did nothing wrong."""
+        outcomes = self.ctx.qc_thread.submit(self.steps.qc, batch, generated)
         rendered = self._encode(batch, group, generated)
         stored = self.steps.store(batch, rendered)
-        self.steps.check(batch, stored)
-        self._record(batch, [item for item in group if item.id in {image.item.id for image in rendered}],
-                     stored, time.perf_counter() - started)
+        by_image = {(image.item.id, image.index): outcome for image, outcome in zip(generated, outcomes.result())}
+        self.steps.attach_qc(stored, [by_image[(image.item.id, image.rendered.index)] for image in stored])
+        made = {image.item.id for image in rendered}
+        self._record(batch, [item for item in group if item.id in made], stored, time.perf_counter() - started)
 
     def _encode(self, batch: BatchView, group: list[ClaimedItem],
                 generated: list[GeneratedImage]) -> list[RenderedImage]:

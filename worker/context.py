@@ -46,6 +46,7 @@ class WorkerContext:
         self._uploads: ThreadPoolExecutor | None = None
         self._encoders: Executor | None = None
         self._finisher: ThreadPoolExecutor | None = None
+        self._qc_thread: ThreadPoolExecutor | None = None
 
     def _this_process(self) -> None:
         if self._pid != os.getpid():
@@ -89,6 +90,14 @@ class WorkerContext:
         if self._finisher is None:
             self._finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="finish")
         return self._finisher
+
+    @property
+    def qc_thread(self) -> ThreadPoolExecutor:
+        """The one thread that runs QC on a micro-batch while the finishing thread encodes and stores it."""
+        self._this_process()
+        if self._qc_thread is None:
+            self._qc_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qc")
+        return self._qc_thread
 
     @property
     def model(self) -> ModelRunner:

@@ -201,22 +201,36 @@ class ImageSteps:
 
     def check(self, batch: BatchView, stored: list[UploadedImage]) -> None:
         """QC every image (``image.qc``); a QC error sends the images to a human instead of failing them."""
-        if not stored:
-            return
+        self.attach_qc(stored, self.qc(batch, [image.rendered for image in stored]))
+
+    def qc(self, batch: BatchView, images: list[GeneratedImage]) -> list[Any]:
+        """The QC outcomes of generated images (None each when QC itself failed). Needs only the
+        pixels, so it can run beside encode and store (worker/chunk.py)."""
+        if not images:
+            return []
         began = time.perf_counter()
         try:
-            outcomes = self.ctx.quality_checker.check([image.rendered.picture for image in stored],
-                                     [image.item.prompt for image in stored],
-                                     nsfw_flags=[image.rendered.nsfw for image in stored],
-                                     known_hashes=self.known_hashes(batch.id))
+            outcomes = self.ctx.quality_checker.check([image.picture for image in images],
+                                                      [image.item.prompt for image in images],
+                                                      nsfw_flags=[image.nsfw for image in images],
+                                                      known_hashes=self.known_hashes(batch.id))
         except SoftTimeLimitExceeded:
             raise
         except Exception:  # QC never fails generation: the images go to a human instead
-            log.exception("QC failed for %d images of batch %s", len(stored), batch.id)
-            outcomes = [None] * len(stored)
+            log.exception("QC failed for %d images of batch %s", len(images), batch.id)
+            outcomes = [None] * len(images)
+        elapsed = time.perf_counter() - began
+        self.seconds["qc"] += elapsed
+        metrics.observe_stage("qc", elapsed)
+        for image in images:
+            image.timings["qc"] = elapsed / len(images)
+        return outcomes
+
+    @staticmethod
+    def attach_qc(stored: list[UploadedImage], outcomes: list[Any]) -> None:
         for image, outcome in zip(stored, outcomes):
             image.qc = outcome
-        self._time("qc", began, stored)
+            image.rendered.timings.setdefault("qc", 0.0)
 
     def record(self, session: Session, batch: BatchView, images: list[UploadedImage], *,
                parent_image_id: str | None = None) -> list[dict[str, Any]]:
