@@ -52,10 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bench: items={args.items} naive_items={args.naive_items} micro_batch={args.micro_batch} "
           f"chunk={args.chunk} depth={args.depth} device_ms={args.device_ms} workdir={workdir}", flush=True)
     try:
-        with private_redis(workdir) as redis_url, moto_s3(workdir) as s3_url, fresh_database() as database_url:
+        with private_redis(workdir) as (redis_url, redis_pid), moto_s3(workdir) as (s3_url, s3_pid), \
+                fresh_database() as database_url:
             env = stack_env(args, database_url, redis_url, s3_url, workdir)
             create_bucket(s3_url)
-            summary = run_all(args, env, workdir)
+            summary = run_all(args, env, workdir, {"s3": s3_pid, "redis": redis_pid})
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     print("RESULT " + " ".join(f"{name}={value}" for name, value in summary.items()), flush=True)
@@ -81,19 +82,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def run_all(args: argparse.Namespace, env: dict[str, str], workdir: Path) -> dict[str, str]:
+def run_all(args: argparse.Namespace, env: dict[str, str], workdir: Path, services: dict[str, int]) -> dict[str, str]:
     os.environ.update(env)
     _clear_caches()
     summary: dict[str, str] = {}
     model_rate = bench_model_only(args) if "model" not in args.skip else float("nan")
-    with api_server(env["DATABASE_URL"], env["BROKER_URL"], workdir, env) as (url, _, _):
+    with api_server(env["DATABASE_URL"], env["BROKER_URL"], workdir, env) as (url, api, _):
         key = create_submitter_key(env["DATABASE_URL"], team="bench")
-        e2e = bench_end_to_end(url, key, env, workdir, args.items, naive=False, args=args) \
-            if "e2e" not in args.skip else None
+        e2e = bench_end_to_end(url, key, env, workdir, args.items, naive=False, args=args,
+                               others={**services, "api": api.pid}) if "e2e" not in args.skip else None
         with api_server(env["DATABASE_URL"], env["BROKER_URL"], workdir,
-                        {**env, "INSTABATCH_CHUNK_IMAGES": "1"}) as (naive_url, _, _):
-            naive = bench_end_to_end(naive_url, key, env, workdir, args.naive_items, naive=True, args=args) \
-                if "naive" not in args.skip else None
+                        {**env, "INSTABATCH_CHUNK_IMAGES": "1"}) as (naive_url, naive_api, _):
+            naive = bench_end_to_end(naive_url, key, env, workdir, args.naive_items, naive=True, args=args,
+                                     others={**services, "api": naive_api.pid}) if "naive" not in args.skip else None
         sim = bench_simulated(args) if "sim" not in args.skip else {}
         submit_p50 = bench_submit(url, key, args) if "submit" not in args.skip else float("nan")
     if e2e:
@@ -119,7 +120,7 @@ def private_redis(workdir: Path) -> Iterator[str]:
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for(lambda: _redis_ping(port), "redis-server")
-        yield f"redis://127.0.0.1:{port}/0"
+        yield f"redis://127.0.0.1:{port}/0", process.pid
     finally:
         stop(process)
 
@@ -143,7 +144,7 @@ def moto_s3(workdir: Path) -> Iterator[str]:
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for(lambda: _answers(url), "moto server")
-        yield url
+        yield url, process.pid
     finally:
         stop(process)
 
@@ -187,14 +188,15 @@ def bench_model_only(args: argparse.Namespace) -> float:
     params = GenerationParams()
     prompts = [PROMPT.format(colour=n % 12, n=n) for n in range(args.items)]
     runner.generate(prompts[:args.micro_batch], list(range(args.micro_batch)), params)  # warm-up
-    began = time.perf_counter()
+    began, cpu_began = time.perf_counter(), time.process_time()
     for first in range(0, len(prompts), args.micro_batch):
         batch = prompts[first:first + args.micro_batch]
         runner.generate(batch, list(range(first, first + len(batch))), params)
-    elapsed = time.perf_counter() - began
+    elapsed, cpu = time.perf_counter() - began, time.process_time() - cpu_began
     rate = len(prompts) / elapsed
     print(f"RESULT model_only_images={len(prompts)} model_only_s={elapsed:.2f} model_only_images_per_s={rate:.1f} "
-          f"model={runner.model_id} micro_batch={args.micro_batch}", flush=True)
+          f"model_only_cpu_ms_per_image={1000 * cpu / len(prompts):.1f} model={runner.model_id} "
+          f"micro_batch={args.micro_batch}", flush=True)
     return rate
 
 
@@ -213,24 +215,35 @@ class RunResult:
 
 
 def bench_end_to_end(url: str, key: str, env: dict[str, str], workdir: Path, items: int, *, naive: bool,
-                     args: argparse.Namespace) -> RunResult:
+                     args: argparse.Namespace, others: dict[str, int]) -> RunResult:
     name = "naive" if naive else "end_to_end"
     worker_env = {**env, **({"INSTABATCH_MICRO_BATCH": "1", "INSTABATCH_PIPELINE_DEPTH": "0"} if naive else {})}
     with celery_worker(worker_env, workdir / f"worker-{name}.log") as worker:
         warm = submit(url, key, args.micro_batch, name=f"{name} warm-up")
         wait_done(env["DATABASE_URL"], warm, timeout=600)  # the worker has loaded its model
         sampler = RssSampler(worker.pid)
+        processes = {"worker": worker.pid, **others}
+        cpu_before = {label: cpu_seconds(pid) for label, pid in processes.items()}
         with sampler:
             began = time.perf_counter()
             batch_id = submit(url, key, items, name=name)
             counts = wait_done(env["DATABASE_URL"], batch_id, timeout=1800)
             elapsed = time.perf_counter() - began
+        cpu = {label: cpu_seconds(pid) - cpu_before[label] for label, pid in processes.items()}
     result = RunResult(counts["succeeded"], elapsed, sampler.peak_mb, sampler.samples)
     trend = sampler.trend()
     print(f"RESULT {name}_images={result.images} {name}_s={elapsed:.2f} {name}_images_per_s={result.rate:.1f} "
           f"{name}_failed={items - counts['succeeded']} {name}_worker_peak_rss_mb={result.peak_rss_mb:.0f} "
           f"{name}_worker_rss_first_last_mb={trend}", flush=True)
+    print(f"RESULT {name}_cpu_ms_per_image " + " ".join(
+        f"{label}={1000 * seconds / max(result.images, 1):.1f}" for label, seconds in cpu.items()), flush=True)
     return result
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (PostgreSQL's, a shared server, are not counted)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @contextmanager
