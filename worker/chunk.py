@@ -3,7 +3,8 @@
     take (mark the message claimed, settle) → claim (one UPDATE, lease) → screen prompts
     → per micro-batch: [cancel?] → generate (one forward pass, per-image seeds)
         ⇢ on the finishing thread, while the device renders the next micro-batch:
-          encode (the batch's format, provenance inside) → store (write-once key) → check (QC)
+          encode (the batch's format, provenance inside) → store (write-once key), with QC on
+          its own thread beside them
           → record (items succeeded only while we hold the lease; image rows and every audit
           event of the micro-batch in one transaction, one chain-head update)
     → batch complete? (one guarded UPDATE) → dispatch more from the outbox
@@ -121,6 +122,8 @@ class ChunkRunner:
 
         settled = self.ctx.in_ledger(work, what="taking the chunk")
         self.report.dead += len(settled.dead)
+        for _ in settled.dead:
+            metrics.item_failure("dead")
         self.report.cancelled += len(settled.cancelled)
         self.touched_batches.update(batch_id for _, batch_id in settled.dead + settled.cancelled)
 
@@ -178,6 +181,7 @@ class ChunkRunner:
             if reason is None:
                 allowed.append(item)
             else:
+                metrics.item_failure("blocked")
                 self._end_item(batch, item, ItemState.FAILED, reason, action="item.blocked")
         return allowed
 

@@ -22,7 +22,8 @@ STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2
 STAGE_SECONDS = Histogram("instabatch_stage_seconds", "Seconds one stage took for one micro-batch",
                           ["stage"], buckets=STAGE_BUCKETS)
 IMAGES = Counter("instabatch_images_total", "Images recorded, by model and QC verdict", ["model", "verdict"])
-ITEM_FAILURES = Counter("instabatch_item_failures_total", "Items failed or set back, by reason", ["reason"])
+# reason: engine, encode, blocked (screening), dead (out of attempts); oom_split counts split passes.
+ITEM_FAILURES = Counter("instabatch_item_failures_total", "Items failed, by reason", ["reason"])
 MODEL_LOAD_SECONDS = Gauge("instabatch_model_load_seconds", "Seconds the last model load took")
 
 _gpu_memory: Gauge | None = None  # registered on the first CUDA sample: absent on CPU workers
