@@ -11,7 +11,7 @@ WATERMARK := invisible-watermark==0.2.0
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 PIP := $(PY) -m pip install -q --disable-pip-version-check $(FIND_LINKS)
 
-.PHONY: setup demo test test-fast faults bench load browser faketime clean
+.PHONY: setup demo test test-fast faults bench bench-gpu load browser faketime clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -52,8 +52,14 @@ FAULTS_ITEMS ?= 120
 faults: setup
 	INSTABATCH_FAULTS=full INSTABATCH_FAULTS_ITEMS=$(FAULTS_ITEMS) $(PY) -m pytest -m faults tests/faults -p no:cacheprovider -s -q
 
+# The worker path's throughput (docs/performance.md): model only, end to end through API, Redis,
+# Celery, QC, S3 (moto) and PostgreSQL, naive, the simulated GPU at 512², submit_10k; ~10 minutes.
 bench: setup
-	$(PY) -m bench.cpu
+	$(PY) -m bench.main
+
+# On a machine with one CUDA GPU, under 8 minutes: eager / compile / CUDA graphs, TFLOP/s, the worker on CUDA.
+bench-gpu: setup
+	bash bench/gpu.sh
 
 # API load, not part of `make test`: 60 s each at 1, 10, 50 and 200 concurrent clients submitting and
 # polling against one `instabatch serve` on PostgreSQL + Redis (fresh database, Redis db 15).

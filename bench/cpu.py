@@ -37,7 +37,9 @@ def main(argv: list[str] | None = None) -> int:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.cpu", description=__doc__.split("\n\n")[0])
     parser.add_argument("--items", type=int, default=128, help="prompts in the batch (one image each)")
-    parser.add_argument("--micro-batch", type=int, default=16, help="images per forward pass (and per chunk)")
+    parser.add_argument("--micro-batch", type=int, default=16, help="images per forward pass")
+    parser.add_argument("--chunk", type=int, default=None, help="images per chunk (task); default 4 micro-batches, "
+                                                                 "so the worker overlaps them")
     parser.add_argument("--size", type=int, default=None, help="image side (default: the model's)")
     parser.add_argument("--model", type=Path, default=None, help="checkpoint folder (default: the tiny model, "
                                                                   "else a random tiny checkpoint)")
@@ -65,7 +67,8 @@ def configure(args: argparse.Namespace, model: Path, var_dir: Path):
 
     os.environ.update(INSTABATCH_VAR_DIR=str(var_dir), INSTABATCH_MODEL=str(model),
                       INSTABATCH_TORCH_THREADS=str(args.threads),
-                      INSTABATCH_MICRO_BATCH=str(args.micro_batch), INSTABATCH_CHUNK_IMAGES=str(args.micro_batch))
+                      INSTABATCH_MICRO_BATCH=str(args.micro_batch),
+                      INSTABATCH_CHUNK_IMAGES=str(args.chunk or 4 * args.micro_batch))
     get_settings.cache_clear()
     db.engine_for.cache_clear()
     storage._store_for.cache_clear()

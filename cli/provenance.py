@@ -1,7 +1,7 @@
-"""``instabatch provenance FILE.png``: what an image says about itself, checked against the ledger.
+"""``instabatch provenance FILE``: what an image (PNG, WebP or JPEG) says about itself, checked against the ledger.
 
 Ends with one ``RESULT`` line; exit 0 when the file, its PNG chunks, the image row and the audit
-chain's ``item.generated`` event agree, 1 when they do not, 2 when the ledger cannot be reached.
+chain's ``item.generated`` event agree (PNG text chunks; XMP in WebP and JPEG), 1 when they do not, 2 when the ledger cannot be reached.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from sqlalchemy import select
 
 from cli.audit import fail
 from core.db import session_scope
-from core.provenance import read_png_provenance
+from core.provenance import read_provenance
 from core.settings import get_settings
 from models import AuditEvent, Image, Item
 
@@ -26,13 +26,13 @@ def provenance(
         "--ledger/--no-ledger", help="check against the ledger (default: when DATABASE_URL is set "
                                      "or the embedded ledger exists)")] = None,
 ) -> None:
-    """Print the provenance a PNG carries; confirm its sha256 against the ledger and the audit chain."""
+    """Print the provenance an image carries (PNG, WebP, JPEG); confirm its sha256 against the ledger and the audit chain."""
     data = file.read_bytes()
     digest = hashlib.sha256(data).hexdigest()
     try:
-        chunks = read_png_provenance(data)
+        chunks = read_provenance(data)
     except Exception as exc:  # noqa: BLE001 - PIL raises many kinds for a file that is no image
-        raise fail(f"{file} is not a readable PNG ({type(exc).__name__})", 1) from None
+        raise fail(f"{file} is not a readable PNG, WebP or JPEG ({type(exc).__name__})", 1) from None
     typer.echo(f"FILE {file} sha256={digest} bytes={len(data)}")
     for name in sorted(chunks):
         typer.echo(f"  {name}: {chunks[name]}")

@@ -68,6 +68,16 @@ class LogoParams(BaseModel):
     keep_unmarked: bool = Field(False, description="also store the image without the logo")
 
 
+class OutputParams(BaseModel):
+    """``params.output``: the file format of the batch's images (docs/architecture.md, "Output formats")."""
+
+    model_config = STRICT
+
+    format: Literal["png", "webp", "jpeg"] = Field("png", description="png (lossless), webp or jpeg")
+    quality: int = Field(90, ge=1, le=100, description="webp and jpeg quality; png ignores it "
+                                                       "(its zlib level is the INSTABATCH_PNG_COMPRESS_LEVEL setting)")
+
+
 class GenerationParams(BaseModel):
     """``params``: how every image of the batch is generated."""
 
@@ -80,6 +90,7 @@ class GenerationParams(BaseModel):
     num_inference_steps: int = Field(1, ge=1, le=MAX_STEPS, description="Euler steps; 1 for InstaFlow")
     negative_prompt: str | None = Field(None, description="only with guidance_scale > 1")
     refine: RefineParams = Field(default_factory=RefineParams)
+    output: OutputParams = Field(default_factory=OutputParams)
     model: Literal["default"] = "default"
     logo: LogoParams | None = Field(None, description="set from the team's brand rules; not for submitters")
 
@@ -100,6 +111,8 @@ class GenerationParams(BaseModel):
                   "refine": self.refine_options}
         if self.logo is not None:  # only when set: the provenance of unbranded images stays as it was
             fields["logo"] = self.logo.model_dump()
+        if self.output != OutputParams():  # PNG, as before formats: the same provenance, the same bytes
+            fields["output"] = self.output.model_dump()
         return json.dumps(fields, sort_keys=True, separators=(",", ":"))
 
     @field_validator("width", "height")

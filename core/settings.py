@@ -79,8 +79,20 @@ class Settings(BaseSettings):
     # whether each forward pass is padded to `micro_batch` (an image's bytes then never depend on
     # its neighbours, even when a retry regenerates it alone), how often the sweeper runs, and
     # how long a completion webhook may take.
-    chunk_images: int = Field(16, alias="INSTABATCH_CHUNK_IMAGES", ge=1, le=4096)
+    # A chunk of several micro-batches lets the worker overlap them: the device renders
+    # micro-batch k+1 while the CPU encodes, stores, checks and records k ("Overlapped stages").
+    chunk_images: int = Field(64, alias="INSTABATCH_CHUNK_IMAGES", ge=1, le=4096)
     pad_micro_batch: bool = Field(True, alias="INSTABATCH_PAD_MICRO_BATCH")
+    # Overlapped stages: micro-batches rendered but not yet recorded, at most (back-pressure: the
+    # device waits rather than memory growing); threads or processes that encode images; PNG's
+    # zlib level (1 is about twice as fast as 6 for a few per cent more bytes, docs/performance.md).
+    pipeline_depth: int = Field(2, alias="INSTABATCH_PIPELINE_DEPTH", ge=0, le=64)  # 0: no overlap
+    encode_workers: int = Field(2, alias="INSTABATCH_ENCODE_WORKERS", ge=1, le=256)
+    encode_pool: Literal["thread", "process"] = Field("thread", alias="INSTABATCH_ENCODE_POOL")
+    png_compress_level: int = Field(6, alias="INSTABATCH_PNG_COMPRESS_LEVEL", ge=0, le=9)
+    # Prometheus metrics of a worker process on this port (0: off). A prefork child serves on
+    # port + its child index (docs/architecture.md, "Worker metrics").
+    worker_metrics_port: int = Field(9100, alias="WORKER_METRICS_PORT", ge=0, le=65535)
     sweep_every_seconds: float = Field(15.0, alias="SWEEP_EVERY_SECONDS", gt=0)
     webhook_timeout_seconds: float = Field(5.0, alias="WEBHOOK_TIMEOUT_SECONDS", gt=0)
     # Webhooks go to addresses that submitters choose: by default never to loopback, private or

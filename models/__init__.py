@@ -8,6 +8,7 @@ from models.tables import (
     Batch,
     BrandRules,
     Image,
+    ImagePhashBand,
     Item,
     Outbox,
     QcResult,
@@ -17,7 +18,7 @@ from models.tables import (
 )
 
 __all__ = [
-    "ApiKey", "AuditChainHead", "AuditEvent", "Base", "Batch", "BrandRules", "BatchStatus", "Image", "Item",
-    "ItemState", "Outbox", "QcResult", "Review", "ReviewDecision", "Role", "TeamSettings", "Verdict",
+    "ApiKey", "AuditChainHead", "AuditEvent", "Base", "Batch", "BrandRules", "BatchStatus", "Image", "ImagePhashBand",
+    "Item", "ItemState", "Outbox", "QcResult", "Review", "ReviewDecision", "Role", "TeamSettings", "Verdict",
     "WebhookDelivery", "utcnow",
 ]

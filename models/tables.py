@@ -139,6 +139,19 @@ class Image(Base):
     item: Mapped[Item] = relationship(back_populates="images", lazy="raise_on_sql")
 
 
+class ImagePhashBand(Base):
+    """One 16-bit band of an image's luma pHash: a near duplicate (at most 3 luma bits apart)
+    shares at least one band exactly, so the duplicate check is an indexed look-up, not a load
+    of the batch's hashes (qc/phash.py, ``luma_bands``)."""
+    __tablename__ = "image_phash_bands"
+    __table_args__ = (Index("ix_image_phash_bands_lookup", "batch_id", "band", "value"),)
+
+    image_id: Mapped[str] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), primary_key=True)
+    band: Mapped[int] = mapped_column(Integer, primary_key=True)
+    batch_id: Mapped[str] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"))
+    value: Mapped[int] = mapped_column(Integer)
+
+
 class QcResult(Base):
     """One scorer's metrics for one image, with the thresholds it was judged against."""
     __tablename__ = "qc_results"

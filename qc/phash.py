@@ -74,6 +74,21 @@ def hash_parts(value: int) -> tuple[int, int, int, int]:
     return tuple((value >> shift) & _PART_MASK for shift in shifts)  # type: ignore[return-value]
 
 
+# The luma part as 4 bands of 16 bits: two hashes whose luma parts differ in at most
+# BAND_MAX_DISTANCE bits agree exactly on at least one band (pigeonhole), which makes the
+# duplicate check an indexed equality look-up (worker/duplicates.py).
+BANDS = 4
+BAND_BITS = PART_BITS // BANDS
+BAND_MAX_DISTANCE = BANDS - 1
+
+
+def luma_bands(value: int) -> list[int]:
+    """The luma part's bands, most significant first."""
+    luma = hash_parts(value)[0]
+    mask = (1 << BAND_BITS) - 1
+    return [(luma >> (BAND_BITS * (BANDS - 1 - band))) & mask for band in range(BANDS)]
+
+
 def hamming(a: int, b: int) -> tuple[int, int]:
     """(luma bits that differ, most bits that differ in one colour channel)."""
     diffs = [(x ^ y).bit_count() for x, y in zip(hash_parts(a), hash_parts(b))]

@@ -14,8 +14,9 @@ def test_gpu_bench_prints_a_result_line_per_batch_size(random_checkpoint):
          "--device", "cpu"],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, check=True,
     )
-    lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
-    assert [re.search(r"batch=(\d+)", line).group(1) for line in lines] == ["1", "3"]
+    lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT variant=eager batch=")]
+    assert [re.search(r" batch=(\d+)", line).group(1) for line in lines] == ["1", "3"]
+    assert "RESULT variant=eager best_batch=" in result.stdout
     for line in lines:
         fields = dict(pair.split("=") for pair in line.split()[1:])
         assert float(fields["s_per_image"]) > 0 and float(fields["unet_s"]) > 0

@@ -17,12 +17,12 @@ _generate = ModelRunner.generate
 _run = ChunkRunner.run
 
 
-def _generate_or_die(self, prompts, seeds, params):
+def _generate_or_die(self, prompts, seeds, params, **options):
     if any(CRASH_MARKER in prompt for prompt in prompts):
         os._exit(13)  # what a segfault or the OOM killer does: no exception, no cleanup
     if any(SLOW_MARKER in prompt for prompt in prompts):
         time.sleep(SLOW_SECONDS)  # longer than the tests' soft time limit
-    return _generate(self, prompts, seeds, params)
+    return _generate(self, prompts, seeds, params, **options)
 
 
 def _die_once_before_claiming(self, item_ids, outbox_id=None):

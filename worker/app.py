@@ -32,6 +32,7 @@ from core.broker import (
 )
 from core.logs import bind_ids, clear_ids
 from core.settings import Settings, get_settings
+from worker import metrics
 from worker.chunk import ChunkRunner
 from worker.context import WorkerContext
 from worker.regenerate import register_regenerate_task
@@ -106,6 +107,12 @@ def create_app(settings: Settings | None = None) -> Celery:
         clear_ids()
 
     @signals.worker_process_init.connect(weak=False)
+    def serve_metrics(**_: Any) -> None:
+        """Each process that runs tasks serves its own /metrics (worker/metrics.py): the solo worker
+        on WORKER_METRICS_PORT, prefork child i (0-based) on WORKER_METRICS_PORT + 1 + i."""
+        metrics.serve(settings.worker_metrics_port, offset=_child_offset())
+
+    @signals.worker_process_init.connect(weak=False)
     def load_model_in_child(**_: Any) -> None:
         """A prefork child loads the model as it starts, so the load never eats into a task's time
         limits. Only children get this signal: the parent never touches the model (nor CUDA)."""
@@ -124,3 +131,10 @@ def create_app(settings: Settings | None = None) -> Celery:
             log.exception("sweep at worker start failed")
 
     return app
+
+
+def _child_offset() -> int:
+    from billiard.process import current_process
+
+    process = current_process()
+    return process.index + 1 if process.daemon and getattr(process, "index", None) is not None else 0

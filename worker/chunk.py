@@ -1,10 +1,13 @@
 """One task's work: claim a chunk's items, generate them micro-batch by micro-batch, store, check, record.
 
     take (mark the message claimed, settle) → claim (one UPDATE, lease) → screen prompts
-    → per micro-batch: [cancel?] → render (one forward pass, per-image seeds, PNG with
-    provenance) → store (write-once key) → check (QC) → record (items succeeded only while we
-    hold the lease, image rows, audit events) → batch complete? (one guarded UPDATE)
-    → dispatch more from the outbox
+    → per micro-batch: [cancel?] → generate (one forward pass, per-image seeds)
+        ⇢ on the finishing thread, while the device renders the next micro-batch:
+          encode (the batch's format, provenance inside) → store (write-once key), with QC on
+          its own thread beside them
+          → record (items succeeded only while we hold the lease; image rows and every audit
+          event of the micro-batch in one transaction, one chain-head update)
+    → batch complete? (one guarded UPDATE) → dispatch more from the outbox
 
 A heartbeat thread renews the lease beside the work. Every ledger and storage step is retried
 with backoff while the database or the object store does not answer (core/retry.py): an outage
@@ -18,10 +21,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from functools import partial
+from typing import Any, Iterator, Sequence
 
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import select
@@ -35,15 +40,17 @@ from core.ledger import pack_by_images
 from core.params import image_seed
 from core.retry import is_transient
 from models import Batch, Item, ItemState
-from worker import leases
+from worker import leases, metrics
 from worker.completion import complete_if_done
 from worker.context import WorkerContext, worker_identity
 from worker.leases import ClaimedItem
-from worker.steps import BatchView, ImageSteps, RenderedImage, UploadedImage
+from worker.pipeline import Overlap
+from worker.steps import BatchView, GeneratedImage, ImageSteps, RenderedImage, UploadedImage
 from worker.version import code_version
 
 log = logging.getLogger(__name__)
 ERROR_CHARS = 2000
+Generated = tuple[list[ClaimedItem], list[GeneratedImage], float]  # items, their images, when they began
 
 
 @dataclass
@@ -77,6 +84,7 @@ class ChunkRunner:
         self.counted: set[str] = set()  # items whose attempt this run counted
         self.reclaim: list[str] = []  # dead earlier runs of this task whose items we may take
         self.touched_batches: set[str] = set()
+        self._lock = threading.Lock()  # held/report: the finishing thread updates them too
 
     # -- the task ----------------------------------------------------------------------
 
@@ -117,6 +125,8 @@ class ChunkRunner:
 
         settled = self.ctx.in_ledger(work, what="taking the chunk")
         self.report.dead += len(settled.dead)
+        for _ in settled.dead:
+            metrics.item_failure("dead")
         self.report.cancelled += len(settled.cancelled)
         self.touched_batches.update(batch_id for _, batch_id in settled.dead + settled.cancelled)
 
@@ -134,9 +144,11 @@ class ChunkRunner:
         but an item's attempt is counted only when its own turn comes, so only the item that
         kills the process runs out of attempts.
         """
+        began = time.perf_counter()
         items = self.ctx.in_ledger(lambda session: leases.claim(
             session, item_ids, owner=self.owner, reclaim=self.reclaim, lease_seconds=self.settings.lease_seconds,
             max_attempts=self.settings.max_attempts, now=ledger_now(session), count_attempt=not isolate), what="the claim")
+        metrics.observe_stage("claim", time.perf_counter() - began)
         self.held.update(item.id for item in items)
         if not isolate:
             self.counted.update(item.id for item in items)
@@ -173,16 +185,21 @@ class ChunkRunner:
             if reason is None:
                 allowed.append(item)
             else:
+                metrics.item_failure("blocked")
                 self._end_item(batch, item, ItemState.FAILED, reason, action="item.blocked")
         return allowed
 
     def _generate_items(self, batch: BatchView, items: list[ClaimedItem]) -> None:
+        """Micro-batch by micro-batch: the device renders one while the finishing thread encodes,
+        stores, checks and records the ones before it (worker/pipeline.py)."""
         groups = list(pack_by_images(items, self.settings.micro_batch, lambda item: item.num_images))
-        for position, group in enumerate(groups):
-            if self._cancel_requested(batch.id):
-                self._cancel_held(batch, [item for rest in groups[position:] for item in rest])
-                return
-            self._process(batch, group)
+        with Overlap(self.ctx.finisher, self.settings.pipeline_depth) as overlap:
+            for position, group in enumerate(groups):
+                if self._cancel_requested(batch.id):
+                    self._cancel_held(batch, [item for rest in groups[position:] for item in rest])
+                    return
+                for made, generated, started in self._generate(batch, group):
+                    overlap.submit(partial(self._finish, batch, made, generated, started))
 
     def _cancel_requested(self, batch_id: str) -> bool:
         return self.ctx.in_ledger(lambda session: session.scalar(
@@ -190,49 +207,71 @@ class ChunkRunner:
 
     # -- per micro-batch ---------------------------------------------------------------
 
-    def _process(self, batch: BatchView, group: list[ClaimedItem]) -> None:
+    def _generate(self, batch: BatchView, group: list[ClaimedItem]) -> Iterator[Generated]:
+        """The group's images off the device. An engine error is an item's problem, not the worker's:
+        a group of several items is re-run one by one, so one bad item fails alone."""
         started = time.perf_counter()
+        jobs = [(item, index, image_seed(item.seed, index)) for item in group for index in range(item.num_images)]
         try:
-            rendered = self._render(batch, group)
+            generated = [image for first in range(0, len(jobs), self.settings.micro_batch)
+                         for image in self.steps.generate(batch, jobs[first:first + self.settings.micro_batch])]
         except SoftTimeLimitExceeded:  # the task's deadline, not the items' fault: give them back
             raise
-        except Exception as error:  # the engine's or the encoder's: an item's problem, not the worker's
+        except Exception as error:
             if len(group) > 1:
                 log.warning("micro-batch of %d items failed (%s); retrying them one by one", len(group), error)
                 for item in group:
-                    self._process(batch, [item])
+                    yield from self._generate(batch, [item])
             else:
-                log.warning("item %s failed: %s", group[0].id, error)
-                self._end_item(batch, group[0], ItemState.FAILED, f"{type(error).__name__}: {error}"[:ERROR_CHARS])
+                self._item_error(batch, group[0], error, reason="engine")
             return
-        # From here on, errors are the infrastructure's (storage, database): the task fails and
-        # gives its items back, rather than failing items that did nothing wrong.
-        stored = self.steps.store(rendered)
-        self.steps.check(batch, stored)
-        self._record(batch, group, stored, time.perf_counter() - started)
+        yield group, generated, started
 
-    def _render(self, batch: BatchView, group: list[ClaimedItem]) -> list[RenderedImage]:
-        """Generate every image of the group (micro_batch images per forward pass) and encode it."""
-        jobs = [(item, index, image_seed(item.seed, index)) for item in group for index in range(item.num_images)]
-        rendered: list[RenderedImage] = []
-        for start in range(0, len(jobs), self.settings.micro_batch):
-            rendered.extend(self.steps.render(batch, jobs[start:start + self.settings.micro_batch]))
-        return rendered
+    def _finish(self, batch: BatchView, group: list[ClaimedItem], generated: list[GeneratedImage],
+                started: float) -> None:
+        """QC on the checker thread beside encode → store on this one, then record. Errors past
+        encoding are the infrastructure's (storage, database): they fail the task, which gives
+        its items back, rather than failing items that did nothing wrong."""
+        outcomes = self.ctx.qc_thread.submit(self.steps.qc, batch, generated)
+        rendered = self._encode(batch, group, generated)
+        stored = self.steps.store(batch, rendered)
+        by_image = {(image.item.id, image.index): outcome for image, outcome in zip(generated, outcomes.result())}
+        self.steps.attach_qc(stored, [by_image[(image.item.id, image.rendered.index)] for image in stored])
+        made = {image.item.id for image in rendered}
+        self._record(batch, [item for item in group if item.id in made], stored, time.perf_counter() - started)
+
+    def _encode(self, batch: BatchView, group: list[ClaimedItem],
+                generated: list[GeneratedImage]) -> list[RenderedImage]:
+        try:
+            return self.steps.encode(batch, generated)
+        except Exception as error:  # the encoder's: find the item(s) it fails for
+            if len(group) == 1:
+                self._item_error(batch, group[0], error, reason="encode")
+                return []
+            return [image for item in group
+                    for image in self._encode(batch, [item], [g for g in generated if g.item.id == item.id])]
+
+    def _item_error(self, batch: BatchView, item: ClaimedItem, error: Exception, *, reason: str) -> None:
+        log.warning("item %s failed: %s", item.id, error)
+        metrics.item_failure(reason)
+        self._end_item(batch, item, ItemState.FAILED, f"{type(error).__name__}: {error}"[:ERROR_CHARS])
 
     def _record(self, batch: BatchView, group: list[ClaimedItem], stored: list[UploadedImage], duration: float) -> None:
+        """Every row and audit event of the micro-batch in one transaction, with one chain-head update."""
+        if not group:
+            return
         began = time.perf_counter()
 
         def work(session: Session) -> set[str]:
             owned = leases.finish(session, [item.id for item in group], owner=self.owner,
                                   state=ItemState.SUCCEEDED, now=ledger_now(session))
-            for image in stored:
-                if image.item.id in owned:
-                    self.steps.record(session, batch, image)
-            for item in group:
-                if item.id in owned:
-                    images = [image for image in stored if image.item.id == item.id]
-                    audit.record(session, "item.generated", actor=self.actor, batch_id=batch.id, item_id=item.id,
-                                 payload=self._generated_payload(batch, item, images, duration))
+            kept = [image for image in stored if image.item.id in owned]
+            events = self.steps.record(session, batch, kept)
+            events += [{"action": "item.generated", "actor": self.actor, "batch_id": batch.id, "item_id": item.id,
+                        "payload": self._generated_payload(batch, item, [i for i in kept if i.item.id == item.id],
+                                                           duration)}
+                       for item in group if item.id in owned]
+            audit.record_many(session, events)
             return owned
 
         # A retry after a commit whose answer was lost finds the items finished: it records nothing twice.
@@ -240,11 +279,18 @@ class ChunkRunner:
         lost = [item.id for item in group if item.id not in owned]
         if lost:
             log.warning("lease lost on %d items (another worker holds them now): %s", len(lost), lost)
-        self.held.difference_update(item.id for item in group)
-        self.report.succeeded += len(owned)
-        self.report.images += sum(1 for image in stored if image.item.id in owned)
-        self.report.seconds["ledger"] += time.perf_counter() - began
-        self.steps.remember_hashes(batch, [image for image in stored if image.item.id in owned])
+        recorded = [image for image in stored if image.item.id in owned]
+        with self._lock:
+            self.held.difference_update(item.id for item in group)
+            self.report.succeeded += len(owned)
+            self.report.images += len(recorded)
+        elapsed = time.perf_counter() - began
+        self.report.seconds["ledger"] += elapsed
+        metrics.observe_stage("ledger", elapsed)
+        for image in recorded:
+            metrics.image_recorded(self.ctx.model.model_id, image.qc.verdict if image.qc is not None else "review")
+        metrics.sample_gpu_memory()
+        self.steps.remember_hashes(batch, recorded)
 
     def _generated_payload(self, batch: BatchView, item: ClaimedItem, images: list[UploadedImage],
                            duration: float) -> dict[str, Any]:
@@ -275,9 +321,9 @@ class ChunkRunner:
             return owned
 
         owned = self.ctx.in_ledger(work, what="ending an item")
-        self.held.discard(item.id)
-        if owned:
-            self.report.failed += 1
+        with self._lock:
+            self.held.discard(item.id)
+            self.report.failed += len(owned)
 
     def _cancel_held(self, batch: BatchView, items: list[ClaimedItem]) -> None:
         def work(session: Session) -> set[str]:
@@ -289,8 +335,9 @@ class ChunkRunner:
             return owned
 
         owned = self.ctx.in_ledger(work, what="cancelling items")
-        self.held.difference_update(item.id for item in items)
-        self.report.cancelled += len(owned)
+        with self._lock:
+            self.held.difference_update(item.id for item in items)
+            self.report.cancelled += len(owned)
 
     def _give_back_held(self, error: BaseException) -> None:
         """The task is failing (time limit, model, storage or database trouble): requeue what it holds.

@@ -9,7 +9,7 @@ import logging
 import os
 import socket
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import TypeVar
 
 from celery import Celery
@@ -23,6 +23,7 @@ from qc.checker import QualityChecker
 from qc.screening import ScreeningPolicy, screen_prompt
 from worker.model_runner import ModelRunner
 from worker.sealing import Sealer
+from worker.pipeline import make_encoder_pool
 
 log = logging.getLogger(__name__)
 UPLOAD_THREADS = 8
@@ -45,6 +46,9 @@ class WorkerContext:
         self._screening: ScreeningPolicy | None = None
         self._uploads: ThreadPoolExecutor | None = None
         self._sealer: Sealer | None = None
+        self._encoders: Executor | None = None
+        self._finisher: ThreadPoolExecutor | None = None
+        self._qc_thread: ThreadPoolExecutor | None = None
 
     def _this_process(self) -> None:
         if self._pid != os.getpid():
@@ -71,6 +75,31 @@ class WorkerContext:
         if self._uploads is None:
             self._uploads = ThreadPoolExecutor(max_workers=UPLOAD_THREADS, thread_name_prefix="upload")
         return self._uploads
+
+    @property
+    def encoders(self) -> Executor:
+        """Threads (or processes) that encode a micro-batch's images in parallel."""
+        self._this_process()
+        if self._encoders is None:
+            self._encoders = make_encoder_pool(self.settings.encode_pool, self.settings.encode_workers)
+        return self._encoders
+
+    @property
+    def finisher(self) -> ThreadPoolExecutor:
+        """The one thread that finishes micro-batches (encode, store, check, record) in order while
+        the device renders the next (worker/pipeline.py)."""
+        self._this_process()
+        if self._finisher is None:
+            self._finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="finish")
+        return self._finisher
+
+    @property
+    def qc_thread(self) -> ThreadPoolExecutor:
+        """The one thread that runs QC on a micro-batch while the finishing thread encodes and stores it."""
+        self._this_process()
+        if self._qc_thread is None:
+            self._qc_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qc")
+        return self._qc_thread
 
     @property
     def model(self) -> ModelRunner:

@@ -13,6 +13,7 @@ from typing import Any, Sequence
 
 from core.params import GenerationParams
 from core.settings import Settings
+from worker import metrics
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,9 @@ class ModelRunner:
 
             started = time.perf_counter()
             self._pipe = InstaFlowPipeline.from_pretrained(self.settings.model_path, device=self.settings.device)
-            log.info("loaded model %s in %.1fs", self._pipe.model_id, time.perf_counter() - started)
+            seconds = time.perf_counter() - started
+            metrics.model_loaded(seconds)
+            log.info("loaded model %s in %.1fs", self._pipe.model_id, seconds)
         return self._pipe
 
     def load(self) -> None:
@@ -64,11 +67,13 @@ class ModelRunner:
     def weights_sha256(self) -> str:
         return self.pipe.weights_sha256
 
-    def generate(self, prompts: Sequence[str], seeds: Sequence[int], params: GenerationParams) -> Rendered:
-        """One batched forward pass (per Euler step) for all prompts; refine after it when asked."""
+    def generate(self, prompts: Sequence[str], seeds: Sequence[int], params: GenerationParams, *,
+                 pad: bool = True) -> Rendered:
+        """One batched forward pass (per Euler step) for all prompts; refine after it when asked.
+        ``pad=False`` runs the pass at its own size (a half split off after running out of memory)."""
         self._apply_thread_limit()
         started = time.perf_counter()
-        fixed = self.settings.micro_batch if self.settings.pad_micro_batch else None
+        fixed = self.settings.micro_batch if self.settings.pad_micro_batch and pad else None
         out = self.pipe(
             list(prompts), list(seeds), height=params.height, width=params.width,
             num_inference_steps=params.num_inference_steps, guidance_scale=params.guidance_scale,
@@ -96,6 +101,13 @@ class ModelRunner:
         options = {key: refine[key] for key in ("strength", "steps", "upscale") if key in refine}
         out = self.refiner.refine(*padded, **options)
         return list(out.images)[:count], list(out.nsfw_flags)[:count]
+
+    def free_cache(self) -> None:
+        """Hand cached device memory back after running out of it (a no-op without CUDA)."""
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def _apply_thread_limit(self) -> None:
         threads = self.settings.torch_threads

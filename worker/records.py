@@ -1,4 +1,4 @@
-"""Where an image is stored and what it says about itself (PNG text chunks and object metadata)."""
+"""Where an image is stored and what it says about itself (embedded in the file, and object metadata)."""
 from __future__ import annotations
 
 import hashlib
@@ -10,14 +10,14 @@ from urllib.parse import quote
 METADATA_PROMPT_BYTES = 600
 
 
-def storage_key(batch_id: str, item_seq: int, item_id: str, index: int) -> str:
+def storage_key(batch_id: str, item_seq: int, item_id: str, index: int, *, extension: str = "png") -> str:
     """Deterministic: a redelivered chunk computes the same key and adopts the object already there."""
-    return f"batches/{batch_id}/{item_seq:06d}-{item_id}/{index}.png"
+    return f"batches/{batch_id}/{item_seq:06d}-{item_id}/{index}.{extension}"
 
 
 def provenance(*, item_id: str, batch_id: str, external_id: str | None, prompt: str, seed: int, index: int,
                model: str, weights_sha256: str, params: str, extra: dict[str, str] | None = None) -> dict[str, Any]:
-    """What the PNG carries in its text chunks: enough to find the ledger rows and to regenerate it."""
+    """What the file carries (PNG text chunks, WebP/JPEG XMP): enough to find the ledger rows and to regenerate it."""
     return {
         "item_id": item_id, "batch_id": batch_id, "external_id": external_id, "prompt": prompt,
         "seed": seed, "index": index, "model": model, "weights_sha256": weights_sha256, "params": params,

@@ -46,7 +46,7 @@ def regenerate_image(ctx: WorkerContext, parent_image_id: str, seed: int, task_i
     steps = ImageSteps(ctx, actor=f"worker:{worker_identity()}")
     batch = steps.batch(job.parent.batch_id)
     rendered = steps.render(batch, [(job.item, job.parent.index, job.request.seed)])[0]
-    key = regenerated_key(job.parent.storage_key, job.request.new_image_id)
+    key = regenerated_key(job.parent.storage_key, job.request.new_image_id, batch.encoding.extension)
     stored = steps.upload(rendered, key, image_id=job.request.new_image_id,
                           metadata={"parent_image_id": job.parent.id})
     steps.check(batch, [stored])
@@ -99,11 +99,11 @@ def _count_attempt(ctx: WorkerContext, session: Any, request: ledger_review.Rege
     return False
 
 
-def regenerated_key(parent_key: str, new_image_id: str) -> str:
+def regenerated_key(parent_key: str, new_image_id: str, extension: str = "png") -> str:
     """Next to the parent's object, named by the new image's id: fixed by the request, so a
     redelivered task writes the same key (and the write-once store keeps the first object)."""
     folder, _, _ = parent_key.rpartition("/")
-    return f"{folder}/regenerated-{new_image_id}.png"
+    return f"{folder}/regenerated-{new_image_id}.{extension}"
 
 
 def _record(ctx: WorkerContext, steps: ImageSteps, batch: BatchView, job: Job, stored: UploadedImage) -> bool:
@@ -113,18 +113,17 @@ def _record(ctx: WorkerContext, steps: ImageSteps, batch: BatchView, job: Job, s
         try:
             if session.scalar(select(Image.id).where(Image.id == stored.id)) is not None:
                 return False
-            steps.record(session, batch, stored)
-            session.flush()
+            events = steps.record(session, batch, [stored], parent_image_id=job.parent.id)
             image = session.get(Image, stored.id)
-            image.parent_image_id = job.parent.id
-            audit.record(session, "image.regenerated", actor=steps.actor, batch_id=job.parent.batch_id,
-                         item_id=job.item.id, image_id=stored.id, payload={
-                             "parent_image_id": job.parent.id, "seed": job.request.seed,
-                             "generation": job.request.generation, "storage_key": stored.key,
-                             "sha256": stored.sha256, "model": image.model_id,
-                             "weights_sha256": image.weights_sha256, "verdict": image.qc_verdict,
-                             "reasons": image.qc_reasons,
-                         })
+            events.append({"action": "image.regenerated", "actor": steps.actor, "batch_id": job.parent.batch_id,
+                           "item_id": job.item.id, "image_id": stored.id, "payload": {
+                               "parent_image_id": job.parent.id, "seed": job.request.seed,
+                               "generation": job.request.generation, "storage_key": stored.key,
+                               "sha256": stored.sha256, "model": image.model_id,
+                               "weights_sha256": image.weights_sha256, "verdict": image.qc_verdict,
+                               "reasons": image.qc_reasons,
+                           }})
+            audit.record_many(session, events)
             session.commit()
         except IntegrityError:  # the same request, delivered twice and run at once: the other won
             session.rollback()

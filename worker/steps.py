@@ -1,31 +1,39 @@
-"""The image steps: render → store → check → record, as public methods the chunk runner and the
-reviewer's regenerate (``worker/regenerate.py``) both call.
+"""The image steps, as public stage functions the chunk runner and the reviewer's regenerate
+(``worker/regenerate.py``) both call:
 
-    render  one forward pass for a list of (item, index, seed) jobs, each image encoded as PNG
-            with its provenance
-    store   each PNG under its write-once key (several uploads at once)
-    check   QC on the stored images; QC never fails generation
-    record  the image row, its QC rows and the ``qc.verdict`` event, in the caller's transaction
+    generate  one forward pass for a list of (item, index, seed) jobs; a pass that runs out of
+              device memory is split in half, down to one image ("Out of device memory")
+    encode    each image to the batch's format with its provenance (core.provenance.encode_image),
+              in the worker's encoder pool
+    store     each file under its write-once key (several uploads at once)
+    check     QC on the stored images; QC never fails generation
+    record    the image rows and their QC rows, bulk-inserted in the caller's transaction; returns
+              the ``qc.verdict`` events for the caller to append with its own in one chain update
+
+``render`` is generate + encode, for a caller that does not overlap them.
 """
 from __future__ import annotations
 
 import logging
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
-from sqlalchemy import select
+from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
-from core import audit, webhooks
+from core import webhooks
 from core.params import GenerationParams
-from core.provenance import encode_png
-from models import AuditEvent, Batch, Image, QcResult, Verdict, utcnow
+from core.provenance import CONTENT_TYPES, Encoding, encode_image
+from models import AuditEvent, Batch, Image, ImagePhashBand, QcResult, Verdict, utcnow
 from models.base import new_id
-from worker import logo
+from qc.phash import BAND_MAX_DISTANCE, HashIndex
+from qc.results import phash_to_hex
+from worker import logo, metrics
 from worker.context import WorkerContext
+from worker.duplicates import LedgerHashIndex, band_rows
 from worker.leases import ClaimedItem
 from worker.records import object_metadata, provenance, storage_key
 from worker.sealing import embedded_watermark_id
@@ -41,22 +49,30 @@ class BatchView:
     id: str
     params: dict[str, Any]
     generation_params: GenerationParams
+    encoding: Encoding = field(default_factory=Encoding)
     team: str | None = None
     submitted_hash: str | None = None  # the batch.submitted audit event's, linked from each manifest
 
 
 @dataclass
-class RenderedImage:
-    """A generated image, encoded as PNG with its provenance."""
+class GeneratedImage:
+    """An image off the device, with the provenance its file will carry."""
 
     item: ClaimedItem
     index: int
     seed: int
-    picture: Any  # PIL image, for QC
+    picture: Any  # PIL image, for QC and the encoder
     nsfw: bool
-    png: bytes
     record: dict[str, Any]
     timings: dict[str, float]
+
+
+@dataclass
+class RenderedImage(GeneratedImage):
+    """A generated image encoded in its batch's format."""
+
+    data: bytes = b""
+    content_type: str = "image/png"
     credentials: dict[str, Any] | None = None  # signed, watermarked or skipped (worker/sealing.py)
 
 
@@ -75,6 +91,11 @@ class UploadedImage:
         return self.rendered.item
 
 
+def is_out_of_memory(error: BaseException) -> bool:
+    """torch.cuda.OutOfMemoryError, told by name so this module never imports torch."""
+    return any(kind.__name__ == "OutOfMemoryError" for kind in type(error).__mro__)
+
+
 class ImageSteps:
     """The steps of one task, with the seconds spent per stage (``seconds``, read by the benchmark)."""
 
@@ -83,61 +104,107 @@ class ImageSteps:
         self.actor = actor
         self.seconds: dict[str, float] = defaultdict(float)
         self._batches: dict[str, BatchView] = {}
-        self._known_hashes: dict[str, dict[int, str]] = {}
+        self._known_hashes: dict[str, HashIndex] = {}  # only with a duplicate threshold past the bands
 
     def batch(self, batch_id: str) -> BatchView:
-        """The batch's params, and the perceptual hashes of its images so far (for duplicates)."""
+        """The batch's params, read once per task."""
         if batch_id not in self._batches:
-            def read(session: Session) -> tuple[Any, list[Any]]:
-                row = session.execute(select(Batch.params, Batch.team, AuditEvent.hash).outerjoin(
+            def read(session: Session) -> Any:
+                return session.execute(select(Batch.params, Batch.team, AuditEvent.hash).outerjoin(
                     AuditEvent, (AuditEvent.batch_id == Batch.id) & (AuditEvent.action == "batch.submitted"))
                     .where(Batch.id == batch_id).limit(1)).first()
-                hashes = session.execute(
-                    select(Image.phash, Image.id).where(Image.batch_id == batch_id, Image.phash.is_not(None))
-                ).all()
-                return row, hashes
 
-            row, hashes = self.ctx.in_ledger(read, what="reading the batch")
+            row = self.ctx.in_ledger(read, what="reading the batch")
             params, team, submitted_hash = row if row is not None else ({}, None, None)
             params = params or {}
-            self._batches[batch_id] = BatchView(batch_id, params, GenerationParams.from_batch(params), team,
-                                                submitted_hash)
-            self._known_hashes[batch_id] = {int(phash, 16): image_id for phash, image_id in hashes}
+            generation = GenerationParams.from_batch(params)
+            encoding = Encoding(generation.output.format, generation.output.quality,
+                                self.ctx.settings.png_compress_level)
+            self._batches[batch_id] = BatchView(batch_id, params, generation, encoding, team, submitted_hash)
         return self._batches[batch_id]
 
+    def known_hashes(self, batch_id: str) -> HashIndex:
+        """The batch's recorded pHashes for the duplicate check: an indexed query per image
+        (worker/duplicates.py); the whole batch's, loaded once per task, only when the duplicate
+        threshold is wider than the bands can find."""
+        if self.ctx.quality_checker.settings.duplicate_max_distance <= BAND_MAX_DISTANCE:
+            return LedgerHashIndex(lambda work: self.ctx.in_ledger(work, what="the duplicate look-up"), batch_id)
+        if batch_id not in self._known_hashes:
+            rows = self.ctx.in_ledger(lambda session: session.execute(
+                select(Image.phash, Image.id).where(Image.batch_id == batch_id, Image.phash.is_not(None))).all(),
+                what="reading the batch's pHashes")
+            self._known_hashes[batch_id] = HashIndex({int(phash, 16): image_id for phash, image_id in rows})
+        return self._known_hashes[batch_id]
+
     def render(self, batch: BatchView, jobs: list[Job]) -> list[RenderedImage]:
-        """One forward pass for every job, each image encoded as PNG with its provenance."""
+        """generate, then encode."""
+        return self.encode(batch, self.generate(batch, jobs))
+
+    def generate(self, batch: BatchView, jobs: list[Job], *, pad: bool = True) -> list[GeneratedImage]:
+        """One forward pass for every job. Out of device memory, the pass is split in half (down to one
+        image), each half unpadded: padding back up would run out of memory again."""
+        try:
+            return self._generate_once(batch, jobs, pad)
+        except SoftTimeLimitExceeded:
+            raise
+        except Exception as error:
+            if not is_out_of_memory(error) or len(jobs) == 1:
+                raise
+            half = len(jobs) // 2
+            log.warning("out of device memory with %d images; splitting into %d + %d", len(jobs), half,
+                        len(jobs) - half)
+            metrics.item_failure("oom_split")
+            self.ctx.model.free_cache()
+            return self.generate(batch, jobs[:half], pad=False) + self.generate(batch, jobs[half:], pad=False)
+
+    def _generate_once(self, batch: BatchView, jobs: list[Job], pad: bool) -> list[GeneratedImage]:
         model = self.ctx.model
-        result = model.generate([item.prompt for item, _, _ in jobs], [seed for _, _, seed in jobs], batch.generation_params)
-        began = time.perf_counter()
+        unpadded = {} if pad else {"pad": False}  # engines that never split need not know the keyword
+        result = model.generate([item.prompt for item, _, _ in jobs], [seed for _, _, seed in jobs],
+                                batch.generation_params, **unpadded)
         pictures = logo.stamp(self.ctx, batch.generation_params, jobs, result.images)  # before QC and encoding
         identity = {"model": model.model_id, "weights_sha256": model.weights_sha256}
         extra = {**(model.refiner_identity() if batch.generation_params.refine_options else {}),
                  **logo.provenance(batch.generation_params)} or None
-        records = [
-            provenance(item_id=item.id, batch_id=item.batch_id, external_id=item.external_id, prompt=item.prompt,
-                       seed=seed, index=index, params=batch.generation_params.canonical(), extra=extra, **identity)
-            for item, index, seed in jobs
-        ]
-        marked = [self.ctx.sealer.mark(picture, record) for picture, record in zip(pictures, records)]
-        pngs = [encode_png(picture, record) for (picture, _), record in zip(marked, records)]
-        signed = [self.ctx.sealer.sign(png, "image/png", record, mark, team=batch.team,
-                                       submitted_hash=batch.submitted_hash)
-                  for png, (_, mark), record in zip(pngs, marked, records)]
-        stages = {**result.seconds, "encode": time.perf_counter() - began}
-        for name, seconds in stages.items():
+        for name, seconds in result.seconds.items():
             self.seconds[name] += seconds
+            metrics.observe_stage(name, seconds)
         return [
-            RenderedImage(item, index, seed, picture, flag, png, record,
-                          {name: seconds / len(jobs) for name, seconds in stages.items()}, state)
-            for (item, index, seed), (picture, _), flag, (png, state), record
-            in zip(jobs, marked, result.nsfw_flags, signed, records)
+            GeneratedImage(item, index, seed, picture, flag, provenance(
+                item_id=item.id, batch_id=item.batch_id, external_id=item.external_id, prompt=item.prompt,
+                seed=seed, index=index, params=batch.generation_params.canonical(), extra=extra, **identity),
+                {name: seconds / len(jobs) for name, seconds in result.seconds.items()})
+            for (item, index, seed), picture, flag in zip(jobs, pictures, result.nsfw_flags)
         ]
 
-    def store(self, rendered: list[RenderedImage]) -> list[UploadedImage]:
+    def encode(self, batch: BatchView, images: list[GeneratedImage]) -> list[RenderedImage]:
+        """Each image watermarked, in the batch's format with its provenance (in the worker's encoder
+        pool), then signed with its Content Credentials, before anything hashes or stores it
+        (docs/architecture.md, "Content Credentials")."""
+        began = time.perf_counter()
+        sealer = self.ctx.sealer
+        marked = [sealer.mark(image.picture, image.record) for image in images]
+        files = list(self.ctx.encoders.map(encode_image, [picture for picture, _ in marked],
+                                           [batch.encoding] * len(images), [image.record for image in images]))
+        content_type = CONTENT_TYPES[batch.encoding.format]
+        signed = [sealer.sign(data, content_type, image.record, mark, team=batch.team,
+                              submitted_hash=batch.submitted_hash)
+                  for data, image, (_, mark) in zip(files, images, marked)]
+        elapsed = time.perf_counter() - began
+        self.seconds["encode"] += elapsed
+        metrics.observe_stage("encode", elapsed)
+        for image in images:
+            image.timings["encode"] = elapsed / len(images)
+        return [RenderedImage(**{name: getattr(image, name) for name in GeneratedImage.__dataclass_fields__},
+                              data=data, content_type=content_type, credentials=state)
+                for image, (data, state) in zip(images, signed)]
+
+    def store(self, batch: BatchView, rendered: list[RenderedImage]) -> list[UploadedImage]:
         """Each image under its deterministic key (a redelivered chunk adopts the object already there)."""
         def put(image: RenderedImage) -> UploadedImage:
-            return self.upload(image, storage_key(image.item.batch_id, image.item.seq, image.item.id, image.index))
+            item = image.item
+            return self.upload(image, storage_key(item.batch_id, item.seq, item.id, image.index,
+                                                  extension=batch.encoding.extension))
 
         began = time.perf_counter()
         # Uploads are network-bound: several at once (boto3 clients are thread-safe).
@@ -149,70 +216,109 @@ class ImageSteps:
                metadata: dict[str, Any] | None = None) -> UploadedImage:
         """One image under ``key``; ``metadata`` adds to its provenance in the object's metadata."""
         metadata = object_metadata({**image.record, **(metadata or {})})
-        result = self.ctx.retry(lambda: self.ctx.store.put(key, image.png, metadata), what=f"storing {key}")
+        result = self.ctx.retry(lambda: self.ctx.store.put(key, image.data, metadata, image.content_type), what=f"storing {key}")
         return UploadedImage(image_id or new_id(), image, key, result.sha256)
 
     def check(self, batch: BatchView, stored: list[UploadedImage]) -> None:
         """QC every image (``image.qc``); a QC error sends the images to a human instead of failing them."""
-        if not stored:
-            return
+        self.attach_qc(stored, self.qc(batch, [image.rendered for image in stored]))
+
+    def qc(self, batch: BatchView, images: list[GeneratedImage]) -> list[Any]:
+        """The QC outcomes of generated images (None each when QC itself failed). Needs only the
+        pixels, so it can run beside encode and store (worker/chunk.py)."""
+        if not images:
+            return []
         began = time.perf_counter()
         try:
-            outcomes = self.ctx.quality_checker.check([image.rendered.picture for image in stored],
-                                     [image.item.prompt for image in stored],
-                                     nsfw_flags=[image.rendered.nsfw for image in stored],
-                                     known_hashes=self._known_hashes[batch.id])
+            outcomes = self.ctx.quality_checker.check([image.picture for image in images],
+                                                      [image.item.prompt for image in images],
+                                                      nsfw_flags=[image.nsfw for image in images],
+                                                      known_hashes=self.known_hashes(batch.id))
         except SoftTimeLimitExceeded:
             raise
         except Exception:  # QC never fails generation: the images go to a human instead
-            log.exception("QC failed for %d images of batch %s", len(stored), batch.id)
-            outcomes = [None] * len(stored)
+            log.exception("QC failed for %d images of batch %s", len(images), batch.id)
+            outcomes = [None] * len(images)
+        elapsed = time.perf_counter() - began
+        self.seconds["qc"] += elapsed
+        metrics.observe_stage("qc", elapsed)
+        for image in images:
+            image.timings["qc"] = elapsed / len(images)
+        return outcomes
+
+    @staticmethod
+    def attach_qc(stored: list[UploadedImage], outcomes: list[Any]) -> None:
         for image, outcome in zip(stored, outcomes):
             image.qc = outcome
-        self._time("qc", began, stored)
+            image.rendered.timings.setdefault("qc", 0.0)
 
-    def record(self, session: Session, batch: BatchView, image: UploadedImage) -> None:
-        """The image row with its QC rows and the ``qc.verdict`` event, in the caller's transaction."""
-        model = self.ctx.model
+    def record(self, session: Session, batch: BatchView, images: list[UploadedImage], *,
+               parent_image_id: str | None = None) -> list[dict[str, Any]]:
+        """The image rows and their QC rows, bulk-inserted in the caller's transaction; returns the
+        ``qc.verdict`` events, for the caller to append with its own (core.audit.record_many)."""
+        if not images:
+            return []
+        now = utcnow()
+        session.execute(insert(Image), [self._image_row(batch, image, parent_image_id, now) for image in images])
+        qc_rows = [{"image_id": image.id, "scorer": row["scorer"], "scorer_version": row["version"],
+                    "metrics": row["metrics"], "thresholds": row["thresholds"], "verdict": row["verdict"],
+                    "reasons": row["reasons"], "created_at": now}
+                   for image in images if image.qc is not None
+                   for row in (result.to_dict() for result in image.qc.results)]
+        if qc_rows:
+            session.execute(insert(QcResult), qc_rows)
+        bands = [row for image in images if image.qc is not None and image.qc.phash is not None
+                 for row in band_rows(batch.id, image.id, phash_to_hex(image.qc.phash))]
+        if bands:
+            session.execute(insert(ImagePhashBand), bands)
+        for image in images:
+            self._flag(session, batch, image)
+        return [self._verdict_event(batch, image) for image in images if image.qc is not None]
+
+    @staticmethod
+    def _flag(session: Session, batch: BatchView, image: UploadedImage) -> None:
+        """An image QC did not pass is an ``image.flagged`` webhook delivery, in the same transaction."""
         outcome = image.qc
-        verdict = outcome.verdict if outcome is not None else "review"  # QC failed: a human looks
-        reasons = list(outcome.reasons) if outcome is not None else ["qc_error"]
-        phash = outcome.to_dict()["phash"] if outcome is not None else None
-        rendered = image.rendered
-        session.add(Image(
-            id=image.id, item_id=image.item.id, batch_id=batch.id, index=rendered.index, seed=rendered.seed,
-            storage_key=image.key, sha256=image.sha256, width=rendered.picture.width, height=rendered.picture.height,
-            model_id=model.model_id, weights_sha256=model.weights_sha256, refine=self.refine_record(batch),
-            timings={name: round(value, 6) for name, value in rendered.timings.items()},
-            phash=phash, qc_verdict=verdict, qc_reasons=reasons, created_at=utcnow(),
-            watermark_id=embedded_watermark_id(rendered.credentials), credentials=rendered.credentials,
-        ))
-        if verdict != Verdict.PASS:
-            webhooks.enqueue_for_batch(session, webhooks.IMAGE_FLAGGED, batch.id, {
-                "image_id": image.id, "item_id": image.item.id, "external_id": image.item.external_id,
-                "verdict": verdict, "reasons": reasons})
-        if outcome is None:
+        if outcome is not None and outcome.verdict == Verdict.PASS:
             return
-        session.flush()  # the image row first: qc_results point at it
-        for result in outcome.results:
-            row = result.to_dict()
-            session.add(QcResult(image_id=image.id, scorer=row["scorer"], scorer_version=row["version"],
-                                 metrics=row["metrics"], thresholds=row["thresholds"], verdict=row["verdict"],
-                                 reasons=row["reasons"], created_at=utcnow()))
-        audit.record(session, "qc.verdict", actor=self.actor, batch_id=batch.id, item_id=image.item.id,
-                     image_id=image.id, payload={
-                         "verdict": verdict, "reasons": reasons, "advisories": list(outcome.advisories),
-                         "phash": phash,
-                         "scorers": [{"scorer": r.scorer, "version": r.version, "verdict": r.verdict}
-                                     for r in outcome.results],
-                         "notes": list(getattr(outcome, "notes", []) or []),
-                     })
+        webhooks.enqueue_for_batch(session, webhooks.IMAGE_FLAGGED, batch.id, {
+            "image_id": image.id, "item_id": image.item.id, "external_id": image.item.external_id,
+            "verdict": outcome.verdict if outcome is not None else "review",
+            "reasons": list(outcome.reasons) if outcome is not None else ["qc_error"]})
+
+    def _image_row(self, batch: BatchView, image: UploadedImage, parent_image_id: str | None,
+                   now: Any) -> dict[str, Any]:
+        model, outcome, rendered = self.ctx.model, image.qc, image.rendered
+        return {
+            "id": image.id, "item_id": image.item.id, "batch_id": batch.id, "index": rendered.index,
+            "seed": rendered.seed, "storage_key": image.key, "sha256": image.sha256,
+            "width": rendered.picture.width, "height": rendered.picture.height, "model_id": model.model_id,
+            "weights_sha256": model.weights_sha256, "refine": self.refine_record(batch),
+            "timings": {name: round(value, 6) for name, value in rendered.timings.items()},
+            "phash": outcome.to_dict()["phash"] if outcome is not None else None,
+            "qc_verdict": outcome.verdict if outcome is not None else "review",  # QC failed: a human looks
+            "qc_reasons": list(outcome.reasons) if outcome is not None else ["qc_error"],
+            "parent_image_id": parent_image_id, "created_at": now,
+            "watermark_id": embedded_watermark_id(rendered.credentials), "credentials": rendered.credentials,
+        }
+
+    def _verdict_event(self, batch: BatchView, image: UploadedImage) -> dict[str, Any]:
+        outcome = image.qc
+        return {"action": "qc.verdict", "actor": self.actor, "batch_id": batch.id, "item_id": image.item.id,
+                "image_id": image.id, "payload": {
+                    "verdict": outcome.verdict, "reasons": list(outcome.reasons),
+                    "advisories": list(outcome.advisories), "phash": outcome.to_dict()["phash"],
+                    "scorers": [{"scorer": r.scorer, "version": r.version, "verdict": r.verdict}
+                                for r in outcome.results],
+                    "notes": list(getattr(outcome, "notes", []) or []),
+                }}
 
     def remember_hashes(self, batch: BatchView, recorded: list[UploadedImage]) -> None:
-        """Recorded images count as known for the duplicate check of the task's later micro-batches."""
+        """Recorded images count as known for a loaded index (the ledger index reads them itself)."""
+        index = self._known_hashes.get(batch.id)
         for image in recorded:
-            if image.qc is not None and image.qc.phash is not None:
-                self._known_hashes[batch.id][image.qc.phash] = image.id
+            if index is not None and image.qc is not None and image.qc.phash is not None:
+                index.add(image.qc.phash, image.id)
 
     def refine_record(self, batch: BatchView) -> dict[str, Any] | None:
         """The refine settings and the refiner's identity, when the batch refines."""
@@ -222,5 +328,6 @@ class ImageSteps:
     def _time(self, stage: str, began: float, images: list[UploadedImage]) -> None:
         elapsed = time.perf_counter() - began
         self.seconds[stage] += elapsed
+        metrics.observe_stage("upload" if stage == "store" else stage, elapsed)
         for image in images:
             image.rendered.timings[stage] = elapsed / len(images)

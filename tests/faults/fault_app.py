@@ -21,10 +21,10 @@ _generate = ModelRunner.generate
 _regenerate_image = regenerate_module.regenerate_image
 
 
-def _generate_or_die_when_regenerating(self, prompts, seeds, params):
+def _generate_or_die_when_regenerating(self, prompts, seeds, params, **options):
     if _regenerating.get() and any(REGEN_MARKER in prompt for prompt in prompts):
         os._exit(15)  # a regenerate that segfaults: no exception, no cleanup
-    return _generate(self, prompts, seeds, params)
+    return _generate(self, prompts, seeds, params, **options)
 
 
 def _regenerate_image_marked(*args, **kwargs):

@@ -1,0 +1,53 @@
+"""The duplicate check's look-up of a batch's earlier images, as an indexed query
+(docs/architecture.md, "Cheap records").
+
+A near duplicate's luma pHash differs in at most ``duplicate_max_distance`` bits; with at most
+``qc.phash.BAND_MAX_DISTANCE`` it shares one 16-bit band exactly with the image it copies, so
+the candidates are the images of the batch with an equal band (``image_phash_bands``, indexed by
+batch, band and value): a few rows per image instead of every pHash of the batch per task.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import and_, or_, select
+from sqlalchemy.orm import Session
+
+from models import Image, ImagePhashBand
+from qc.phash import HashIndex, DuplicateMatch, luma_bands
+
+InLedger = Callable[[Callable[[Session], Any]], Any]
+
+
+class LedgerHashIndex(HashIndex):
+    """``HashIndex.nearest`` over the batch's recorded images, read per query from the ledger.
+
+    The nearest is found among the candidates that share a band: an image further away than
+    ``BAND_MAX_DISTANCE`` luma bits from every recorded one has no nearest (QC records its
+    ``nearest_distance`` as None), which never changes a verdict while the duplicate threshold is
+    within BAND_MAX_DISTANCE (``ImageSteps`` falls back to loading the batch's hashes otherwise).
+    """
+
+    def __init__(self, in_ledger: InLedger, batch_id: str):
+        super().__init__()
+        self._in_ledger = in_ledger
+        self._batch_id = batch_id
+
+    def nearest(self, value: int) -> DuplicateMatch | None:
+        rows = self._in_ledger(lambda session: session.execute(candidates_query(self._batch_id, value)).all())
+        return HashIndex({int(phash, 16): image_id for phash, image_id in rows}).nearest(value)
+
+
+def candidates_query(batch_id: str, value: int):
+    """The batch's images that share a luma band with ``value``."""
+    same_band = or_(*(and_(ImagePhashBand.band == band, ImagePhashBand.value == part)
+                      for band, part in enumerate(luma_bands(value))))
+    return (select(Image.phash, Image.id).distinct()
+            .join(ImagePhashBand, ImagePhashBand.image_id == Image.id)
+            .where(ImagePhashBand.batch_id == batch_id, same_band))
+
+
+def band_rows(batch_id: str, image_id: str, phash_hex: str) -> list[dict[str, Any]]:
+    return [{"image_id": image_id, "band": band, "batch_id": batch_id, "value": part}
+            for band, part in enumerate(luma_bands(int(phash_hex, 16)))]
