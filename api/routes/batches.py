@@ -87,10 +87,12 @@ def idempotency_key(key: Annotated[str | None, Header(alias="Idempotency-Key")] 
 def create_batch(
     response: Response,
     background: BackgroundTasks,
-    session: SessionDep,
-    principal: SubmitterDep,
+    # Dependencies resolve in this order: the body is read and validated before the session (and
+    # its database permit, api/deps.py) exists, so a slow upload holds no permit while it arrives.
     batch_in: Annotated[BatchCreate, Depends(batch_request)],
     key: Annotated[str | None, Depends(idempotency_key)],
+    session: SessionDep,
+    principal: SubmitterDep,
 ) -> BatchOut:
     batch, created = submit(session, principal, batch_in, key)
     response.headers["Location"] = f"/v1/batches/{batch.id}"
