@@ -19,7 +19,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api import queries
 from api.deps import ReaderDep, SessionDep, SubmitterDep, visible_batch
-from api.errors import APIError
+from api.errors import KEYED, WITH_BODY, APIError, error_responses
 from api.intake import CSV_COLUMNS, CSV_QUERY_FIELDS, parse_batch_request
 from api.metrics import BATCHES_SUBMITTED, ITEMS_SUBMITTED
 from api.publish import publish_outbox
@@ -41,11 +41,12 @@ from qc.contact_sheet import batch_contact_sheet, png_bytes
 router = APIRouter(prefix="/batches", tags=["batches"])
 
 IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,200}$")  # printable ASCII, no spaces: fits batches.idempotency_key
-ERROR_RESPONSES = {code: {"description": text} for code, text in {
-    400: "malformed JSON or CSV", 401: "no valid API key", 403: "role may not do this",
-    404: "no such batch (or another team's)", 409: "Idempotency-Key reused with another body, or nothing to cancel",
-    413: "body larger than MAX_BODY_BYTES", 415: "neither JSON nor CSV", 422: "invalid fields",
-}.items()}
+NO_BATCH = {404: "no such batch (or another team's)"}
+SUBMIT_ERRORS = error_responses(*KEYED, *WITH_BODY, 409, meanings={
+    409: "Idempotency-Key reused with another body", 415: "neither JSON nor CSV"})
+READ_ERRORS = error_responses(*KEYED)
+BATCH_ERRORS = error_responses(*KEYED, 404, meanings=NO_BATCH)
+CANCEL_ERRORS = error_responses(*KEYED, 404, 409, meanings={**NO_BATCH, 409: "the batch has finished: nothing to cancel"})
 BATCH_REQUEST_BODY = {
     "requestBody": {
         "required": True,
@@ -71,7 +72,8 @@ async def batch_request(request: Request) -> BatchCreate:
     )
 
 
-def idempotency_key(key: Annotated[str | None, Header(alias="Idempotency-Key")] = None) -> str | None:
+def idempotency_key(key: Annotated[str | None, Header(
+        alias="Idempotency-Key", json_schema_extra={"pattern": IDEMPOTENCY_KEY.pattern})] = None) -> str | None:
     if key is not None and not IDEMPOTENCY_KEY.match(key):
         raise APIError(422, "the request is not valid", details=[{
             "field": "header.Idempotency-Key", "loc": ["header", "Idempotency-Key"],
@@ -81,7 +83,8 @@ def idempotency_key(key: Annotated[str | None, Header(alias="Idempotency-Key")] 
 
 
 @router.post(
-    "", status_code=202, response_model=BatchOut, responses=ERROR_RESPONSES, openapi_extra=BATCH_REQUEST_BODY,
+    "", status_code=202, response_model=BatchOut, openapi_extra=BATCH_REQUEST_BODY,
+    responses={**SUBMIT_ERRORS, 200: {"model": BatchOut, "description": "an Idempotency-Key replayed: the batch it made"}},
     summary="Submit a batch (JSON or CSV); 202 when new, 200 when an Idempotency-Key replays it",
 )
 def create_batch(
@@ -129,7 +132,7 @@ def submit(session: Session, principal: Principal, batch_in: BatchCreate, key: s
     raise AssertionError("unreachable")
 
 
-@router.get("", response_model=BatchPage, responses=ERROR_RESPONSES, summary="Batches, newest first")
+@router.get("", response_model=BatchPage, responses=READ_ERRORS, summary="Batches, newest first")
 def list_batches(
     session: SessionDep,
     principal: ReaderDep,
@@ -141,12 +144,12 @@ def list_batches(
     return queries.page_batches(session, principal, limit=limit, cursor=cursor, team=team)
 
 
-@router.get("/{batch_id}", response_model=BatchOut, responses=ERROR_RESPONSES, summary="One batch")
+@router.get("/{batch_id}", response_model=BatchOut, responses=BATCH_ERRORS, summary="One batch")
 def get_batch(batch_id: str, session: SessionDep, principal: ReaderDep) -> BatchOut:
     return queries.batch_view(session, visible_batch(session, principal, batch_id))
 
 
-@router.get("/{batch_id}/items", response_model=ItemPage, responses=ERROR_RESPONSES,
+@router.get("/{batch_id}/items", response_model=ItemPage, responses=BATCH_ERRORS,
             summary="A batch's items in order, with images (time-limited URLs) and QC")
 def list_items(
     batch_id: str,
@@ -165,7 +168,7 @@ def list_items(
     )
 
 
-@router.post("/{batch_id}/cancel", response_model=CancelResult, responses=ERROR_RESPONSES,
+@router.post("/{batch_id}/cancel", response_model=CancelResult, responses=CANCEL_ERRORS,
              summary="Cooperative cancel: queued items stop now, running chunks at their next check")
 def cancel_batch(batch_id: str, session: SessionDep, principal: SubmitterDep) -> CancelResult:
     batch = visible_batch(session, principal, batch_id, for_update=True)
@@ -179,7 +182,7 @@ def cancel_batch(batch_id: str, session: SessionDep, principal: SubmitterDep) ->
     return CancelResult(batch=queries.batch_view(session, batch), items_cancelled=cancelled)
 
 
-@router.post("/{batch_id}/retry", response_model=RetryResult, responses=ERROR_RESPONSES,
+@router.post("/{batch_id}/retry", response_model=RetryResult, responses=BATCH_ERRORS,
              summary="Re-queue the failed and dead items with a fresh attempt budget")
 def retry_batch(batch_id: str, background: BackgroundTasks, session: SessionDep,
                 principal: SubmitterDep) -> RetryResult:
@@ -194,7 +197,7 @@ def retry_batch(batch_id: str, background: BackgroundTasks, session: SessionDep,
 # -- contact sheet -----------------------------------------------------------------------
 
 @router.get("/{batch_id}/contact-sheet.png", response_class=Response,
-         responses={**ERROR_RESPONSES, 200: {"content": {"image/png": {}}}},
+         responses={**BATCH_ERRORS, 200: {"content": {"image/png": {}}}},
          summary="A grid PNG of the batch's images, each badged with its QC verdict (and decision)")
 def contact_sheet_png(
     batch_id: str,

@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import func, select, text
 
-from api.errors import error_response
+from api.errors import error_response, error_responses
 from api.metrics import ITEMS_BY_STATE, REGISTRY
 from core.broker import get_celery
 from core.db import get_engine, session_factory
@@ -66,7 +66,8 @@ def run_checks(checks: dict[str, Callable[[], None]], timeout: float = CHECK_TIM
     return results
 
 
-@router.get("/readyz", summary="Readiness: database, broker and storage each answer; 503 names the failed ones")
+@router.get("/readyz", responses=error_responses(503, meanings={503: "not ready: details name the failed checks"}),
+            summary="Readiness: database, broker and storage each answer; 503 names the failed ones")
 def readyz() -> JSONResponse:
     results = run_checks(READINESS_CHECKS)
     failed = [name for name, result in results.items() if not result["ok"]]
