@@ -104,6 +104,23 @@ async def db_permit() -> AsyncIterator[None]:
         permits.release()
 
 
+# Blocking work a request does before it holds a permit (parsing an upload, see create_batch)
+# runs in threads of its own. On the shared limiter it would queue ahead of the permit holders'
+# session work, each holder would wait behind every pending parse, and the requests waiting for
+# a permit would time out: 200 clients got 467 503s that way.
+PARSE_THREADS = 2  # parsing is CPU-bound Python: more threads only contend for the GIL
+_parse_threads: RunVar[anyio.CapacityLimiter] = RunVar("instabatch_parse_threads")
+
+
+async def run_before_permit(func: Callable[..., Any], *args: Any) -> Any:
+    try:
+        limiter = _parse_threads.get()
+    except LookupError:
+        limiter = anyio.CapacityLimiter(PARSE_THREADS)
+        _parse_threads.set(limiter)
+    return await anyio.to_thread.run_sync(func, *args, limiter=limiter)
+
+
 @event.listens_for(Pool, "checkout")
 def _count_checkout(_dbapi_connection: Any, record: Any, _proxy: Any) -> None:
     holder = _request_connections.get()

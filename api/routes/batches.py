@@ -15,10 +15,9 @@ from fastapi import (
 )
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
-from starlette.concurrency import run_in_threadpool
 
 from api import queries
-from api.deps import ReaderDep, SessionDep, SubmitterDep, visible_batch
+from api.deps import ReaderDep, SessionDep, SubmitterDep, run_before_permit, visible_batch
 from api.errors import KEYED, WITH_BODY, APIError, error_responses
 from api.intake import CSV_COLUMNS, CSV_QUERY_FIELDS, parse_batch_request
 from api.metrics import BATCHES_SUBMITTED, ITEMS_SUBMITTED
@@ -65,14 +64,15 @@ BATCH_REQUEST_BODY = {
 
 
 async def batch_request(request: Request) -> BatchCreate:
-    """The submitted batch, parsed off the event loop (a 20 MB body takes a moment)."""
+    """The submitted batch, parsed off the event loop (a 20 MB body takes a moment), before the
+    request holds a database permit: in threads of its own (api/deps.py, run_before_permit)."""
     body = await request.body()
-    return await run_in_threadpool(
+    return await run_before_permit(
         parse_batch_request, request.headers.get("content-type"), body, request.query_params
     )
 
 
-def idempotency_key(key: Annotated[str | None, Header(
+async def idempotency_key(key: Annotated[str | None, Header(
         alias="Idempotency-Key", json_schema_extra={"pattern": IDEMPOTENCY_KEY.pattern})] = None) -> str | None:
     if key is not None and not IDEMPOTENCY_KEY.match(key):
         raise APIError(422, "the request is not valid", details=[{
@@ -91,7 +91,8 @@ def create_batch(
     response: Response,
     background: BackgroundTasks,
     # Dependencies resolve in this order: the body is read and validated before the session (and
-    # its database permit, api/deps.py) exists, so a slow upload holds no permit while it arrives.
+    # its database permit, api/deps.py) exists, so a slow upload holds no permit while it arrives;
+    # both are async or use their own threads, so they never queue ahead of permit holders.
     batch_in: Annotated[BatchCreate, Depends(batch_request)],
     key: Annotated[str | None, Depends(idempotency_key)],
     session: SessionDep,
