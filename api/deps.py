@@ -105,9 +105,8 @@ async def db_permit() -> AsyncIterator[None]:
 
 
 # Blocking work a request does before it holds a permit (parsing an upload, see create_batch)
-# runs in threads of its own. On the shared limiter it would queue ahead of the permit holders'
-# session work, each holder would wait behind every pending parse, and the requests waiting for
-# a permit would time out: 200 clients got 467 503s that way.
+# runs in threads of its own: on the shared limiter, sized for the permit holders, every pending
+# parse would queue ahead of the holders' session work and slow the requests that hold permits.
 PARSE_THREADS = 2  # parsing is CPU-bound Python: more threads only contend for the GIL
 _parse_threads: RunVar[anyio.CapacityLimiter] = RunVar("instabatch_parse_threads")
 

@@ -156,16 +156,16 @@ async def _api_error(_request: Request, exc: APIError) -> JSONResponse:
     return error_response(exc.status_code, exc.code, exc.message, exc.details, exc.headers)
 
 
-async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     if isinstance(exc, APIError):
-        return await _api_error(_request, exc)
+        return await _api_error(request, exc)
     code = CODE_FOR_STATUS.get(exc.status_code, "error")
     message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
     if exc.status_code == 404 and message == "Not Found":
         message = "no such route"
     headers = exc.headers
     if exc.status_code == 405:
-        headers = {**(headers or {}), "Allow": ", ".join(allowed_methods(_request))}
+        headers = {**(headers or {}), "Allow": ", ".join(allowed_methods(request))}
     return error_response(exc.status_code, code, message, None, headers)
 
 
