@@ -221,6 +221,8 @@ def bad_bodies() -> list[tuple[str, object, int, str]]:
         ("unknown params field", {**good, "params": {"sampler": "euler"}}, 422, "body.params.sampler"),
         ("bad priority", {**good, "priority": "urgent"}, 422, "body.priority"),
         ("ftp webhook", {**good, "webhook_url": "ftp://example.com/hook"}, 422, "body.webhook_url"),
+        ("webhook with a newline", {**good, "webhook_url": "https://example.com/hook\n"}, 422, "body.webhook_url"),
+        ("webhook with a space", {**good, "webhook_url": "https://example.com/a hook"}, 422, "body.webhook_url"),
         ("missing name", {"items": good["items"]}, 422, "body.name"),
         ("name too long", {**good, "name": "n" * 201}, 422, "body.name"),
         ("body is a list", [good], 422, "body"),

@@ -30,8 +30,9 @@ from models import BatchStatus, ItemState
 Priority = Literal["low", "normal", "high"]
 MAX_NAME_CHARS = 200  # batches.name, items.external_id
 MAX_URL_CHARS = 2000  # batches.webhook_url
-# What the webhook validator accepts, stated in the schema too: scheme, a host, an optional port.
-WEBHOOK_URL = r"^https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?([/?#][^\x00]*)?$"
+# What the webhook validator accepts, stated in the schema too: scheme, a host, an optional port,
+# then no space or control character (a URL has them percent-encoded).
+WEBHOOK_URL = r"^https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?([/?#][^\x00-\x20\x7f]*)?$"
 WebhookUrl = Annotated[str, AfterValidator(storable_text), Field(json_schema_extra={"pattern": WEBHOOK_URL})]
 
 
@@ -105,7 +106,7 @@ class BatchCreate(RequestModel):
     def _webhook(cls, value: str | None) -> str | None:
         if value is None:
             return value
-        if not re.match(WEBHOOK_URL, value):
+        if not re.fullmatch(WEBHOOK_URL, value):  # fullmatch: "$" alone would let a trailing newline by
             raise ValueError("must be an http:// or https:// URL with a host (name or IPv4 address, optional port)")
         return value
 
