@@ -106,6 +106,22 @@ async def db_permit() -> AsyncIterator[None]:
         permits.release()
 
 
+# Blocking work a request does before it holds a permit (parsing an upload, see create_batch)
+# runs in threads of its own: on the shared limiter, sized for the permit holders, every pending
+# parse would queue ahead of the holders' session work and slow the requests that hold permits.
+PARSE_THREADS = 2  # parsing is CPU-bound Python: more threads only contend for the GIL
+_parse_threads: RunVar[anyio.CapacityLimiter] = RunVar("instabatch_parse_threads")
+
+
+async def run_before_permit(func: Callable[..., Any], *args: Any) -> Any:
+    try:
+        limiter = _parse_threads.get()
+    except LookupError:
+        limiter = anyio.CapacityLimiter(PARSE_THREADS)
+        _parse_threads.set(limiter)
+    return await anyio.to_thread.run_sync(func, *args, limiter=limiter)
+
+
 @event.listens_for(Pool, "checkout")
 def _count_checkout(_dbapi_connection: Any, record: Any, _proxy: Any) -> None:
     holder = _request_connections.get()
