@@ -83,6 +83,10 @@ def test_live_api_conforms_to_its_schema(case, live_api) -> None:
     made_up_cursor = bool((case.query or {}).get("cursor"))
     # A CSV upload's schema is "a string" (its columns and its required ?name= are described in
     # words, which OpenAPI cannot tie to one media type), so a generated one is rarely a batch.
-    csv_upload = case.media_type == "text/csv"
-    excluded = [positive_data_acceptance] if made_up_cursor or csv_upload else None
+    csv_upload = case.media_type in ("text/csv", "application/x-ndjson")
+    # A catalogue's rules tie fields to each other and to the rows' columns (one of rows or
+    # catalogue_csv, one of external_id or its column, the template's variables among the columns),
+    # which JSON Schema cannot state; tests/test_catalogue.py holds each of them.
+    catalogue = isinstance(case.body, dict) and "template" in case.body
+    excluded = [positive_data_acceptance] if made_up_cursor or csv_upload or catalogue else None
     case.call_and_validate(base_url=url, headers={"Authorization": f"Bearer {key}"}, excluded_checks=excluded)
