@@ -9,7 +9,7 @@ import time
 from collections.abc import AsyncIterator
 
 import anyio
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import HTMLResponse, StreamingResponse
 from sqlalchemy.orm import Session
 from sse_starlette import EventSourceResponse, ServerSentEvent
@@ -141,8 +141,10 @@ def batch_report_json(batch_id: str, session: SessionDep, principal: ReaderDep) 
     return batch_report(session, get_store(), visible_batch(session, principal, batch_id))
 
 
-@router.get("/{batch_id}/report", response_class=HTMLResponse,
-            responses={**BATCH_ERRORS, 200: {"content": {"text/html": {}}}},
+# response_class=Response, as for the contact sheet: FastAPI documents a route's error responses under its
+# response class's media type, and the errors are JSON (api/errors.py), not HTML.
+@router.get("/{batch_id}/report", response_class=Response,
+            responses={**BATCH_ERRORS, 200: {"content": {"text/html": {"schema": {"type": "string"}}}}},
             summary="The batch's generation record as a printable HTML page")
 def batch_report_page(batch_id: str, session: SessionDep, principal: ReaderDep) -> HTMLResponse:
     report = batch_report(session, get_store(), visible_batch(session, principal, batch_id))
