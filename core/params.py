@@ -83,7 +83,10 @@ class LogoParams(BaseModel):
 
 # The JSON schema states the limits the validators below apply, read from the settings when the
 # schema is built (the API's /openapi.json), and the two rules that tie fields together.
-def _side_schema(schema: dict[str, Any]) -> None:
+SIDE_DESCRIPTION = "multiple of 8 within MIN/MAX_IMAGE_SIDE; default: the model's size"
+
+
+def side_schema(schema: dict[str, Any]) -> None:
     settings = get_settings()
     for option in schema.get("anyOf", [schema]):
         if option.get("type") == "integer":
@@ -96,15 +99,25 @@ def _prompt_limit_schema(schema: dict[str, Any]) -> None:
             option["maxLength"] = get_settings().max_prompt_chars
 
 
-def _rules_schema(schema: dict[str, Any]) -> None:
+def refined_size_rule() -> dict[str, Any]:
+    """Upscaling by 2 doubles the stored image: then each side is at most half of MAX_IMAGE_SIDE."""
     half = get_settings().max_side // 2
     at_most_half = {"anyOf": [{"type": "null"}, {"type": "integer", "maximum": half}]}
+    upscaled = {"type": "object", "required": ["enabled", "upscale"],
+                "properties": {"enabled": {"const": True}, "upscale": {"const": 2}}}
+    return {"if": {"required": ["refine"], "properties": {"refine": upscaled}},
+            "then": {"properties": {"width": at_most_half, "height": at_most_half}}}
+
+
+def refined_size_schema(schema: dict[str, Any]) -> None:
+    schema["allOf"] = [refined_size_rule()]
+
+
+def _rules_schema(schema: dict[str, Any]) -> None:
     schema["allOf"] = [
         {"if": {"required": ["negative_prompt"], "properties": {"negative_prompt": {"type": "string", "minLength": 1}}},
          "then": {"required": ["guidance_scale"], "properties": {"guidance_scale": {"exclusiveMinimum": 1.0}}}},
-        {"if": {"required": ["refine"], "properties": {"refine": {
-            "required": ["enabled", "upscale"], "properties": {"enabled": {"const": True}, "upscale": {"const": 2}}}}},
-         "then": {"properties": {"width": at_most_half, "height": at_most_half}}},
+        refined_size_rule(),
     ]
 
 
@@ -113,10 +126,8 @@ class GenerationParams(BaseModel):
 
     model_config = ConfigDict(**STRICT, json_schema_extra=_rules_schema)
 
-    width: WholeNumber | None = Field(None, description="multiple of 8 within MIN/MAX_IMAGE_SIDE; default: the model's size",
-                              json_schema_extra=_side_schema)
-    height: WholeNumber | None = Field(None, description="multiple of 8 within MIN/MAX_IMAGE_SIDE; default: the model's size",
-                               json_schema_extra=_side_schema)
+    width: WholeNumber | None = Field(None, description=SIDE_DESCRIPTION, json_schema_extra=side_schema)
+    height: WholeNumber | None = Field(None, description=SIDE_DESCRIPTION, json_schema_extra=side_schema)
     guidance_scale: float = Field(0.0, ge=0.0, le=MAX_GUIDANCE, allow_inf_nan=False,
                                   description="0 = InstaFlow's single pass; > 1 turns on classifier-free guidance")
     num_inference_steps: WholeNumber = Field(1, ge=1, le=MAX_STEPS, description="Euler steps; 1 for InstaFlow")
