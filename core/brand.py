@@ -27,6 +27,7 @@ from core.params import (
     refined_size_schema,
     side_schema,
 )
+from core.text import Text
 from models import BrandRules as BrandRulesRow
 from models import utcnow
 
@@ -41,7 +42,7 @@ class TermRuleIn(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     name: str = Field(pattern=RULE_NAME, description="named in every refusal")
-    terms: list[str] = Field(min_length=1, max_length=200)
+    terms: list[Text] = Field(min_length=1, max_length=200)
 
 
 class BrandRules(BaseModel):
@@ -52,7 +53,7 @@ class BrandRules(BaseModel):
 
     required: list[TermRuleIn] = Field(default_factory=list, description="each: a prompt names one of its terms")
     forbidden: list[TermRuleIn] = Field(default_factory=list, description="each: a prompt names none of its terms")
-    negative_prompt: str | None = Field(None, max_length=2000, description="applied only when guidance_scale > 1")
+    negative_prompt: Text | None = Field(None, max_length=2000, description="applied only when guidance_scale > 1")
     width: WholeNumber | None = Field(None, description=SIDE_DESCRIPTION, json_schema_extra=side_schema)
     height: WholeNumber | None = Field(None, description=SIDE_DESCRIPTION, json_schema_extra=side_schema)
     format: Literal["png"] = Field("png", description="PNG only: provenance travels in its text chunks")

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from core.settings import get_settings
+from core.text import Text
 
 # Item seeds live in [0, MAX_SEED]: torch's CPU generator reads 32 bits, so a larger seed would
 # draw the same noise as a smaller one.
@@ -131,7 +132,7 @@ class GenerationParams(BaseModel):
     guidance_scale: float = Field(0.0, ge=0.0, le=MAX_GUIDANCE, allow_inf_nan=False,
                                   description="0 = InstaFlow's single pass; > 1 turns on classifier-free guidance")
     num_inference_steps: WholeNumber = Field(1, ge=1, le=MAX_STEPS, description="Euler steps; 1 for InstaFlow")
-    negative_prompt: str | None = Field(None, description="only with guidance_scale > 1",
+    negative_prompt: Text | None = Field(None, description="only with guidance_scale > 1",
                                         json_schema_extra=_prompt_limit_schema)
     refine: RefineParams = Field(default_factory=RefineParams)
     model: Literal["default"] = "default"

@@ -7,7 +7,10 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
+from core.text import NO_NUL, Text, storable_text
 from models.base import as_utc
+
+__all__ = ["NO_NUL", "Text", "storable_text"]  # their home is core/text.py; api/ imports them from here
 
 
 class RequestModel(BaseModel):
@@ -20,26 +23,13 @@ class ResponseModel(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
 
-def storable_text(value: str) -> str:
-    """Text that PostgreSQL can store: no NUL character, no lone UTF-16 surrogate."""
-    if "\x00" in value:
-        raise ValueError("must not contain the NUL character")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError("must be valid Unicode (lone surrogate)") from None
-    return value
-
-
 def stripped(value: str) -> str:
     return value.strip()
 
 
 # The OpenAPI schema states what the validators accept, so a client (and schemathesis, which
 # holds the live API to it) can tell a valid body from one that gets a 422.
-NO_NUL = r"^[^\x00]*$"
 NON_BLANK = r"^[^\x00]*[^\x00\s][^\x00]*$"  # something besides spaces once trimmed
-Text = Annotated[str, AfterValidator(storable_text), Field(json_schema_extra={"pattern": NO_NUL})]
 StrippedText = Annotated[str, AfterValidator(storable_text), AfterValidator(stripped),
                          Field(json_schema_extra={"pattern": NO_NUL})]
 # Required text: each field's validator refuses what is blank once trimmed (with its own message).
