@@ -19,6 +19,7 @@ from core.storage import get_store
 
 router = APIRouter(prefix="/teams/{team}", tags=["brand"])
 TeamPath = Annotated[str, Path(max_length=MAX_TEAM_CHARS, pattern=r"^[^\x00/]+$")]
+MAX_VERSION = 2**31 - 1  # brand_rules.version is an INTEGER column: a larger one was a 500 in PostgreSQL
 
 
 def rules_out(rules: brand.TeamRules) -> BrandRulesOut:
@@ -30,7 +31,7 @@ def rules_out(rules: brand.TeamRules) -> BrandRulesOut:
             responses=error_responses(*KEYED, 404, meanings={404: "no rules yet, or another team's"}),
             summary="The team's brand rules (latest, or ?version=N); its own submitters and every other role")
 def get_rules(team: TeamPath, session: SessionDep, principal: ReaderDep,
-              version: Annotated[int | None, Query(ge=1)] = None) -> BrandRulesOut:
+              version: Annotated[int | None, Query(ge=1, le=MAX_VERSION)] = None) -> BrandRulesOut:
     found = brand.current_rules(session, team, version)
     if found is None or not principal.can_see_team(team):  # another team's rules are 404, like its batches
         raise not_found("brand rules")
