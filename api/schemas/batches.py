@@ -49,6 +49,12 @@ def _prompt_schema(schema: dict[str, Any]) -> None:
     schema.update(pattern=NON_BLANK, maxLength=get_settings().max_prompt_chars)
 
 
+# A request's params never carry the logo: it comes from the team's brand rules (api/catalogue.py,
+# brand_params refuses one), so the schema allows only null there.
+RequestedParams = Annotated[GenerationParams, Field(json_schema_extra={"properties": {"logo": {
+    "type": "null", "description": "set from the team's brand rules (PUT /v1/teams/{team}/logo), never by a request"}}})]
+
+
 class ItemIn(RequestModel):
     prompt: Annotated[str, AfterValidator(storable_text), AfterValidator(stripped)] = Field(
         json_schema_extra=_prompt_schema)
@@ -84,7 +90,7 @@ class BatchCreate(RequestModel):
                                description="default: an upload's file name, else 'batch <UTC date and time>'")
     items: list[ItemIn] = Field(min_length=1, description="at most MAX_ITEMS_PER_BATCH",
                                 json_schema_extra=_limit_schema("maxItems", "max_items_per_batch"))
-    params: GenerationParams = Field(default_factory=GenerationParams)
+    params: RequestedParams = Field(default_factory=GenerationParams)
     priority: Priority = "normal"
     webhook_url: WebhookUrl | None = Field(None, max_length=MAX_URL_CHARS, description="http or https URL")
 
