@@ -27,8 +27,8 @@ import anyio
 import anyio.to_thread
 from anyio.lowlevel import RunVar
 from fastapi import Depends, Query, Request
-from pydantic import Field
 from prometheus_client import Counter
+from pydantic import Field
 from sqlalchemy import Select, event, select
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import Pool
