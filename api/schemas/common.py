@@ -7,10 +7,9 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
-from core.text import NO_NUL, Text, storable_text
+from core.text import NO_NUL, storable_text
+from core.text import Text as Text  # its home is core/text.py; api/ imports it from here too
 from models.base import as_utc
-
-__all__ = ["NO_NUL", "Text", "storable_text"]  # their home is core/text.py; api/ imports them from here
 
 
 class RequestModel(BaseModel):
