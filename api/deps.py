@@ -36,12 +36,12 @@ from sqlalchemy.pool import Pool
 from api.errors import APIError, not_found, service_unavailable
 from api.metrics import REGISTRY
 from api.schemas.batches import MAX_NAME_CHARS
-from api.schemas.common import Text
 from core import keys
 from core.db import get_engine, session_factory
 from core.keys import Principal
 from core.logs import bind_ids
 from core.settings import get_settings
+from core.text import Text
 from models import Batch, Image, Item, Role
 
 log = logging.getLogger(__name__)

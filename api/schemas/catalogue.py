@@ -6,11 +6,12 @@ from typing import Any
 from pydantic import Field, field_validator, model_validator
 
 from api.schemas.batches import MAX_NAME_CHARS, MAX_URL_CHARS, Priority, RequestedParams
-from api.schemas.common import RequestModel, ResponseModel, StrippedText, Text, UtcDatetime
+from api.schemas.common import RequestModel, ResponseModel, StrippedText, UtcDatetime
 from core.brand import BrandRules
 from core.catalogue import Combine, TemplateSpec
 from core.params import GenerationParams
 from core.settings import get_settings
+from core.text import Text
 
 MAX_TEMPLATE_CHARS = 4000
 MAX_VARIANTS = 8

@@ -7,8 +7,8 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
+# storable_text lives in core/text.py (core/ models use it too, with its Text type).
 from core.text import NO_NUL, storable_text
-from core.text import Text as Text  # its home is core/text.py; api/ imports it from here too
 from models.base import as_utc
 
 
