@@ -46,11 +46,14 @@ test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
 # The fault suite (tests/faults): the real stack as processes, nine faults mid-batch, an invariant
-# check after each, RESULT lines at the end. Sizes: FAULTS_ITEMS items per batch. `make test` runs
-# its short form (scenarios 2, 3 and 6 on small batches).
+# check after each, RESULT lines at the end. Sizes: FAULTS_ITEMS items per batch; FAULTS_ONLY picks
+# scenarios by pytest -k, e.g. the Done-when's 1,000-item runs:
+#   make faults FAULTS_ITEMS=1000 FAULTS_ONLY="kill_solo_worker or redis_restart"
+# `make test` runs its short form (scenarios 2, 3 and 6 on small batches).
 FAULTS_ITEMS ?= 120
+FAULTS_ONLY ?=
 faults: setup
-	INSTABATCH_FAULTS=full INSTABATCH_FAULTS_ITEMS=$(FAULTS_ITEMS) $(PY) -m pytest -m faults tests/faults -p no:cacheprovider -s -q
+	INSTABATCH_FAULTS=full INSTABATCH_FAULTS_ITEMS=$(FAULTS_ITEMS) $(PY) -m pytest -m faults tests/faults -p no:cacheprovider -s -q $(if $(FAULTS_ONLY),-k "$(FAULTS_ONLY)")
 
 # The worker path's throughput (docs/performance.md): model only, end to end through API, Redis,
 # Celery, QC, S3 (moto) and PostgreSQL, naive, the simulated GPU at 512², submit_10k; ~10 minutes.

@@ -18,6 +18,9 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
+
+from api.schemas.common import ErrorOut
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +56,36 @@ class APIError(StarletteHTTPException):
         self.code = code or CODE_FOR_STATUS.get(status_code, "error")
         self.message = message
         self.details = details
+
+
+# What each error status means, for the OpenAPI schema. Routes declare the statuses they really
+# answer with ``error_responses`` (schemathesis holds the live API to them, tests/test_api_schema.py).
+ERROR_MEANINGS = {
+    400: "malformed JSON or CSV",
+    401: "no valid API key",
+    403: "the key's role may not do this",
+    404: "no such resource (or another team's)",
+    409: "conflicts with the resource's state",
+    413: "body larger than MAX_BODY_BYTES",
+    415: "unsupported Content-Type",
+    422: "invalid fields, query parameters, headers or cursor",
+    429: "over the team's queued images or submissions per minute: retry after Retry-After seconds",
+    503: "the database (or another dependency) is not answering, or the API is at its database capacity: "
+         "retry after Retry-After seconds",
+}
+# Every route behind an API key: unauthenticated, wrong role, bad parameters, database unavailable.
+KEYED = (401, 403, 422, 503)
+# Every route that reads a request body besides.
+WITH_BODY = (400, 413, 415)
+
+
+def error_responses(*statuses: int, meanings: Mapping[int, str] | None = None) -> dict[int | str, dict[str, Any]]:
+    """``responses=`` for a route: each status with the error shape as its schema::
+
+        @router.get("/{id}", responses=error_responses(*KEYED, 404, meanings={404: "no such batch"}))
+    """
+    meanings = {**ERROR_MEANINGS, **(meanings or {})}
+    return {status: {"model": ErrorOut, "description": meanings[status]} for status in sorted(set(statuses))}
 
 
 def not_found(what: str) -> APIError:
@@ -129,14 +162,28 @@ async def _api_error(_request: Request, exc: APIError) -> JSONResponse:
     return error_response(exc.status_code, exc.code, exc.message, exc.details, exc.headers)
 
 
-async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     if isinstance(exc, APIError):
-        return await _api_error(_request, exc)
+        return await _api_error(request, exc)
     code = CODE_FOR_STATUS.get(exc.status_code, "error")
     message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
     if exc.status_code == 404 and message == "Not Found":
         message = "no such route"
-    return error_response(exc.status_code, code, message, None, exc.headers)
+    headers = exc.headers
+    if exc.status_code == 405:
+        headers = {**(headers or {}), "Allow": ", ".join(allowed_methods(request))}
+    return error_response(exc.status_code, code, message, None, headers)
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method the request's path answers to. Starlette's 405 names only the first route that
+    matched the path, but GET and POST /v1/batches are two routes: ``Allow`` must list both."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches(request.scope)
+        if match != Match.NONE:
+            methods.update(getattr(route, "methods", None) or ())
+    return sorted(methods)
 
 
 async def _request_validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:

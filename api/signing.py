@@ -55,7 +55,8 @@ def signed_object_path(key: str, expires_in: int | None = None, now: float | Non
 def check_signature(key: str, expires: int, sig: str, now: float | None = None) -> bool:
     if expires < (now or time.time()):
         return False
-    return hmac.compare_digest(signature(key, expires), sig)
+    # Bytes: compare_digest refuses str with non-ASCII characters (a TypeError, once a 500).
+    return hmac.compare_digest(signature(key, expires).encode(), sig.encode("utf-8", "replace"))
 
 
 def object_url(key: str, base_url: str) -> str | None:

@@ -18,7 +18,16 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from core import audit
-from core.params import GenerationParams, LogoParams, RefineParams
+from core.params import (
+    SIDE_DESCRIPTION,
+    GenerationParams,
+    LogoParams,
+    RefineParams,
+    WholeNumber,
+    refined_size_schema,
+    side_schema,
+)
+from core.text import Text
 from models import BrandRules as BrandRulesRow
 from models import utcnow
 
@@ -33,19 +42,20 @@ class TermRuleIn(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     name: str = Field(pattern=RULE_NAME, description="named in every refusal")
-    terms: list[str] = Field(min_length=1, max_length=200)
+    terms: list[Text] = Field(min_length=1, max_length=200)
 
 
 class BrandRules(BaseModel):
     """One version of a team's rules (the body of ``PUT /v1/teams/{team}/brand-rules``)."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # The schema states the size limits GenerationParams applies to the defaults (see the validator below).
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra=refined_size_schema)
 
     required: list[TermRuleIn] = Field(default_factory=list, description="each: a prompt names one of its terms")
     forbidden: list[TermRuleIn] = Field(default_factory=list, description="each: a prompt names none of its terms")
-    negative_prompt: str | None = Field(None, max_length=2000, description="applied only when guidance_scale > 1")
-    width: int | None = None
-    height: int | None = None
+    negative_prompt: Text | None = Field(None, max_length=2000, description="applied only when guidance_scale > 1")
+    width: WholeNumber | None = Field(None, description=SIDE_DESCRIPTION, json_schema_extra=side_schema)
+    height: WholeNumber | None = Field(None, description=SIDE_DESCRIPTION, json_schema_extra=side_schema)
     format: Literal["png"] = Field("png", description="PNG only: provenance travels in its text chunks")
     refine: RefineParams | None = None
     logo: LogoParams | None = Field(None, description="placement of an uploaded logo (PUT .../logo)")

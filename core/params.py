@@ -9,11 +9,12 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from core.settings import get_settings
+from core.text import Text
 
 # Item seeds live in [0, MAX_SEED]: torch's CPU generator reads 32 bits, so a larger seed would
 # draw the same noise as a smaller one.
@@ -21,6 +22,19 @@ MAX_SEED = 2**32 - 1
 MAX_GUIDANCE = 20.0
 MAX_STEPS = 50
 STRICT = ConfigDict(extra="forbid", strict=True)  # unknown fields are errors; "5" is no int
+
+
+def integral(value: Any) -> Any:
+    """JSON has one number type: ``15.0`` is the integer 15 (as JSON Schema says), ``15.5`` is not."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+# An integer field of a request body: strict (no "5"), but a JSON number with no fraction counts.
+# (With ge/le in a union, write Annotated[int, Field(ge=..), BeforeValidator(integral)]: in this
+# order pydantic still writes minimum/maximum into the JSON schema.)
+WholeNumber = Annotated[int, BeforeValidator(integral)]
 
 
 def image_seed(item_seed: int, index: int) -> int:
@@ -46,7 +60,7 @@ class RefineParams(BaseModel):
     enabled: bool = False
     strength: float = Field(0.3, ge=0.1, le=0.9, allow_inf_nan=False,
                             description="share of the flow re-run by the refiner: t0 = 1 - strength")
-    steps: int = Field(4, ge=1, le=MAX_STEPS, description="refiner steps actually run")
+    steps: WholeNumber = Field(4, ge=1, le=MAX_STEPS, description="refiner steps actually run")
     upscale: Literal[1, 2] = Field(1, description="resize factor before refining")
 
 
@@ -74,21 +88,62 @@ class OutputParams(BaseModel):
     model_config = STRICT
 
     format: Literal["png", "webp", "jpeg"] = Field("png", description="png (lossless), webp or jpeg")
-    quality: int = Field(90, ge=1, le=100, description="webp and jpeg quality; png ignores it "
+    quality: WholeNumber = Field(90, ge=1, le=100, description="webp and jpeg quality; png ignores it "
                                                        "(its zlib level is the INSTABATCH_PNG_COMPRESS_LEVEL setting)")
+
+
+# The JSON schema states the limits the validators below apply, read from the settings when the
+# schema is built (the API's /openapi.json), and the two rules that tie fields together.
+SIDE_DESCRIPTION = "multiple of 8 within MIN/MAX_IMAGE_SIDE; default: the model's size"
+
+
+def side_schema(schema: dict[str, Any]) -> None:
+    settings = get_settings()
+    for option in schema.get("anyOf", [schema]):
+        if option.get("type") == "integer":
+            option.update(multipleOf=8, minimum=settings.min_side, maximum=settings.max_side)
+
+
+def _prompt_limit_schema(schema: dict[str, Any]) -> None:
+    for option in schema.get("anyOf", [schema]):
+        if option.get("type") == "string":
+            option["maxLength"] = get_settings().max_prompt_chars
+
+
+def refined_size_rule() -> dict[str, Any]:
+    """Upscaling by 2 doubles the stored image: then each side is at most half of MAX_IMAGE_SIDE."""
+    half = get_settings().max_side // 2
+    at_most_half = {"anyOf": [{"type": "null"}, {"type": "integer", "maximum": half}]}
+    upscaled = {"type": "object", "required": ["enabled", "upscale"],
+                "properties": {"enabled": {"const": True}, "upscale": {"const": 2}}}
+    return {"if": {"required": ["refine"], "properties": {"refine": upscaled}},
+            "then": {"properties": {"width": at_most_half, "height": at_most_half}}}
+
+
+def refined_size_schema(schema: dict[str, Any]) -> None:
+    schema["allOf"] = [refined_size_rule()]
+
+
+def _rules_schema(schema: dict[str, Any]) -> None:
+    schema["allOf"] = [
+        {"if": {"required": ["negative_prompt"], "properties": {"negative_prompt": {"type": "string", "minLength": 1}}},
+         "then": {"required": ["guidance_scale"], "properties": {"guidance_scale": {"exclusiveMinimum": 1.0}}}},
+        refined_size_rule(),
+    ]
 
 
 class GenerationParams(BaseModel):
     """``params``: how every image of the batch is generated."""
 
-    model_config = STRICT
+    model_config = ConfigDict(**STRICT, json_schema_extra=_rules_schema)
 
-    width: int | None = Field(None, description="multiple of 8 within MIN/MAX_IMAGE_SIDE; default: the model's size")
-    height: int | None = Field(None, description="multiple of 8 within MIN/MAX_IMAGE_SIDE; default: the model's size")
+    width: WholeNumber | None = Field(None, description=SIDE_DESCRIPTION, json_schema_extra=side_schema)
+    height: WholeNumber | None = Field(None, description=SIDE_DESCRIPTION, json_schema_extra=side_schema)
     guidance_scale: float = Field(0.0, ge=0.0, le=MAX_GUIDANCE, allow_inf_nan=False,
                                   description="0 = InstaFlow's single pass; > 1 turns on classifier-free guidance")
-    num_inference_steps: int = Field(1, ge=1, le=MAX_STEPS, description="Euler steps; 1 for InstaFlow")
-    negative_prompt: str | None = Field(None, description="only with guidance_scale > 1")
+    num_inference_steps: WholeNumber = Field(1, ge=1, le=MAX_STEPS, description="Euler steps; 1 for InstaFlow")
+    negative_prompt: Text | None = Field(None, description="only with guidance_scale > 1",
+                                        json_schema_extra=_prompt_limit_schema)
     refine: RefineParams = Field(default_factory=RefineParams)
     output: OutputParams = Field(default_factory=OutputParams)
     model: Literal["default"] = "default"

@@ -207,7 +207,8 @@ def bad_bodies() -> list[tuple[str, object, int, str]]:
         ("NUL in prompt", {**good, "items": [{"prompt": "a mug\x00"}]}, 422, "body.items.0.prompt"),
         ("width 513", {**good, "params": {"width": 513}}, 422, "body.params.width"),
         ("height too large", {**good, "params": {"height": 4096}}, 422, "body.params.height"),
-        ("width as float", {**good, "params": {"width": 512.0}}, 422, "body.params.width"),
+        # 512.0 is the integer 512 in JSON (and in the published JSON Schema); a fraction is not.
+        ("width with a fraction", {**good, "params": {"width": 512.5}}, 422, "body.params.width"),
         ("guidance above 20", {**good, "params": {"guidance_scale": 25}}, 422, "body.params.guidance_scale"),
         ("negative prompt without guidance", {**good, "params": {"negative_prompt": "blurry"}}, 422, "body.params"),
         ("refine strength 1.5", {**good, "params": {"refine": {"enabled": True, "strength": 1.5}}}, 422,
@@ -224,6 +225,8 @@ def bad_bodies() -> list[tuple[str, object, int, str]]:
         ("bad priority", {**good, "priority": "urgent"}, 422, "body.priority"),
         ("ftp webhook", {**good, "webhook_url": "ftp://example.com/hook"}, 422, "body.webhook_url"),
         ("empty name", {**good, "name": "  "}, 422, "body.name"),
+        ("webhook with a newline", {**good, "webhook_url": "https://example.com/hook\n"}, 422, "body.webhook_url"),
+        ("webhook with a space", {**good, "webhook_url": "https://example.com/a hook"}, 422, "body.webhook_url"),
         ("name too long", {**good, "name": "n" * 201}, 422, "body.name"),
         ("body is a list", [good], 422, "body"),
     ]

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any
 
@@ -11,8 +10,9 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
 from api.deps import AuditorDep, SessionDep
-from api.errors import APIError
+from api.errors import KEYED, APIError, error_responses
 from api.queries import bad_cursor, decode_cursor, encode_cursor
+from api.schemas.common import QueryDatetime
 from core.audit.anchors import load_anchors
 from core.audit.export import EventFilter, read_page, record_export, stream_export
 from core.audit.verify import MAX_PROBLEMS, verify_chain
@@ -23,10 +23,9 @@ router = APIRouter(prefix="/audit", tags=["audit"])
 CURSOR_KIND = "audit"
 NO_NUL = r"^[^\x00]*$"
 MEDIA_TYPES = {"jsonl": "application/x-ndjson", "csv": "text/csv; charset=utf-8"}
-ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {code: {"description": text} for code, text in {
-    401: "no valid API key", 403: "role may not read the audit trail", 422: "invalid filters or cursor",
-    503: "object storage unreachable (anchors cannot be checked)",
-}.items()}
+ERROR_RESPONSES = error_responses(*KEYED, meanings={
+    403: "role may not read the audit trail", 422: "invalid filters or cursor",
+    503: "the database or the object storage is not answering (anchors cannot be checked)"})
 
 
 class ExportFormat(StrEnum):
@@ -82,8 +81,8 @@ def list_events(
     session: SessionDep,
     principal: AuditorDep,
     format: ExportFormat = ExportFormat.JSON,
-    since: Annotated[datetime | None, Query(description="ts >= since")] = None,
-    until: Annotated[datetime | None, Query(description="ts < until")] = None,
+    since: Annotated[QueryDatetime | None, Query(description="ts >= since")] = None,
+    until: Annotated[QueryDatetime | None, Query(description="ts < until")] = None,
     batch_id: Annotated[str | None, Query(max_length=36, pattern=NO_NUL)] = None,
     actor: Annotated[str | None, Query(max_length=200, pattern=NO_NUL)] = None,
     action: Annotated[str | None, Query(max_length=100, pattern=NO_NUL)] = None,
@@ -92,7 +91,7 @@ def list_events(
 ) -> Any:
     event_filter = EventFilter(since=since, until=until, batch_id=batch_id, actor=actor, action=action)
     if format == ExportFormat.JSON:
-        if cursor is not None:
+        if cursor:  # an empty cursor is the first page, as in every other listing
             event_filter = replace(event_filter, after_seq=_cursor_seq(cursor))
         events, next_seq = read_page(session, event_filter, limit)
         return AuditEventPage.model_validate({

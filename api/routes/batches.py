@@ -17,11 +17,10 @@ from fastapi import (
 )
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
-from starlette.concurrency import run_in_threadpool
 
 from api import catalogue, queries
-from api.deps import ExternalIdsDep, ReaderDep, SessionDep, SubmitterDep, visible_batch
-from api.errors import APIError, too_many_requests
+from api.deps import ExternalIdsDep, ReaderDep, SessionDep, SubmitterDep, run_before_permit, visible_batch
+from api.errors import KEYED, WITH_BODY, APIError, error_responses, too_many_requests
 from api.intake import CSV_COLUMNS, CSV_QUERY_FIELDS, parse_batch_request
 from api.metrics import BATCHES_SUBMITTED, ITEMS_SUBMITTED
 from api.publish import publish_outbox
@@ -45,12 +44,13 @@ log = logging.getLogger(__name__)
 router = APIRouter(prefix="/batches", tags=["batches"])
 
 IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,200}$")  # printable ASCII, no spaces: fits batches.idempotency_key
-ERROR_RESPONSES = {code: {"description": text} for code, text in {
-    400: "malformed JSON or CSV", 401: "no valid API key", 403: "role may not do this",
-    404: "no such batch (or another team's)", 409: "Idempotency-Key reused with another body, or nothing to cancel",
-    413: "body larger than MAX_BODY_BYTES", 415: "not JSON, CSV or JSON Lines", 422: "invalid fields",
-    429: "over the team's queued images or submissions per minute (Retry-After)",
-}.items()}
+NO_BATCH = {404: "no such batch (or another team's)"}
+SUBMIT_ERRORS = error_responses(*KEYED, *WITH_BODY, 409, 429, meanings={
+    409: "Idempotency-Key reused with another body", 415: "not JSON, CSV or JSON Lines"})
+PREVIEW_ERRORS = error_responses(*KEYED, *WITH_BODY, meanings={415: "not JSON, CSV or JSON Lines"})
+READ_ERRORS = error_responses(*KEYED)
+BATCH_ERRORS = error_responses(*KEYED, 404, meanings=NO_BATCH)
+CANCEL_ERRORS = error_responses(*KEYED, 404, 409, meanings={**NO_BATCH, 409: "the batch has finished: nothing to cancel"})
 BATCH_REQUEST_BODY = {
     "requestBody": {
         "required": True,
@@ -74,16 +74,17 @@ BATCH_REQUEST_BODY = {
 
 
 async def batch_request(request: Request) -> catalogue.BatchRequest:
-    """The submitted batch, parsed off the event loop (a 20 MB body takes a moment): a catalogue when
+    """The submitted batch, parsed off the event loop (a 20 MB body takes a moment) before the request
+    holds a database permit, in threads of its own (api/deps.py, run_before_permit): a catalogue when
     the JSON names a ``template``, else a list of prompts (api/intake.py)."""
     body = await request.body()
     content_type = request.headers.get("content-type")
-    data = await run_in_threadpool(catalogue.catalogue_data, content_type, body)
+    data = await run_before_permit(catalogue.catalogue_data, content_type, body)
     if data is not None:
         if request.query_params:
             raise APIError(422, "query parameters are for CSV uploads; put them in the JSON body")
-        return await run_in_threadpool(catalogue.parse_catalogue, data)
-    return await run_in_threadpool(parse_batch_request, content_type, body, request.query_params,
+        return await run_before_permit(catalogue.parse_catalogue, data)
+    return await run_before_permit(parse_batch_request, content_type, body, request.query_params,
                                    upload_filename(request.headers.get("content-disposition")))
 
 
@@ -96,7 +97,8 @@ def upload_filename(content_disposition: str | None) -> str | None:
     return message.get_filename()
 
 
-def idempotency_key(key: Annotated[str | None, Header(alias="Idempotency-Key")] = None) -> str | None:
+async def idempotency_key(key: Annotated[str | None, Header(
+        alias="Idempotency-Key", json_schema_extra={"pattern": IDEMPOTENCY_KEY.pattern})] = None) -> str | None:
     if key is not None and not IDEMPOTENCY_KEY.match(key):
         raise APIError(422, "the request is not valid", details=[{
             "field": "header.Idempotency-Key", "loc": ["header", "Idempotency-Key"],
@@ -106,16 +108,20 @@ def idempotency_key(key: Annotated[str | None, Header(alias="Idempotency-Key")] 
 
 
 @router.post(
-    "", status_code=202, response_model=BatchOut, responses=ERROR_RESPONSES, openapi_extra=BATCH_REQUEST_BODY,
+    "", status_code=202, response_model=BatchOut, openapi_extra=BATCH_REQUEST_BODY,
+    responses={**SUBMIT_ERRORS, 200: {"model": BatchOut, "description": "an Idempotency-Key replayed: the batch it made"}},
     summary="Submit a batch (JSON or CSV); 202 when new, 200 when an Idempotency-Key replays it",
 )
 def create_batch(
     response: Response,
     background: BackgroundTasks,
-    session: SessionDep,
-    principal: SubmitterDep,
+    # Dependencies resolve in this order: the body is read and validated before the session (and
+    # its database permit, api/deps.py) exists, so a slow upload holds no permit while it arrives;
+    # both are async or use their own threads, so they never queue ahead of permit holders.
     batch_in: Annotated[catalogue.BatchRequest, Depends(batch_request)],
     key: Annotated[str | None, Depends(idempotency_key)],
+    session: SessionDep,
+    principal: SubmitterDep,
 ) -> BatchOut:
     plan = catalogue.plan_request(session, principal.team, batch_in)
     batch, created = submit(session, principal, catalogue.checked_spec(plan), key, plan.branded.version)
@@ -161,18 +167,18 @@ def submit(session: Session, principal: Principal, spec: ledger.BatchSpec, key: 
 
 
 @router.post(
-    ":preview", response_model=BatchPreview, responses=ERROR_RESPONSES, openapi_extra=BATCH_REQUEST_BODY,
+    ":preview", response_model=BatchPreview, responses=PREVIEW_ERRORS, openapi_extra=BATCH_REQUEST_BODY,
     summary="What a batch would be (count, first prompts, device time, every row's problem); queues nothing",
 )
 def preview_batch(
+    batch_in: Annotated[catalogue.BatchRequest, Depends(batch_request)],  # before the session: see create_batch
     session: SessionDep,
     principal: SubmitterDep,
-    batch_in: Annotated[catalogue.BatchRequest, Depends(batch_request)],
 ) -> BatchPreview:
     return catalogue.preview(catalogue.plan_request(session, principal.team, batch_in))
 
 
-@router.get("", response_model=BatchPage, responses=ERROR_RESPONSES, summary="Batches, newest first")
+@router.get("", response_model=BatchPage, responses=READ_ERRORS, summary="Batches, newest first")
 def list_batches(
     session: SessionDep,
     principal: ReaderDep,
@@ -184,12 +190,12 @@ def list_batches(
     return queries.page_batches(session, principal, limit=limit, cursor=cursor, team=team)
 
 
-@router.get("/{batch_id}", response_model=BatchOut, responses=ERROR_RESPONSES, summary="One batch")
+@router.get("/{batch_id}", response_model=BatchOut, responses=BATCH_ERRORS, summary="One batch")
 def get_batch(batch_id: str, session: SessionDep, principal: ReaderDep) -> BatchOut:
     return queries.batch_view(session, visible_batch(session, principal, batch_id))
 
 
-@router.get("/{batch_id}/items", response_model=ItemPage, responses=ERROR_RESPONSES,
+@router.get("/{batch_id}/items", response_model=ItemPage, responses=BATCH_ERRORS,
             summary="A batch's items in order, with images (time-limited URLs) and QC")
 def list_items(
     batch_id: str,
@@ -210,7 +216,7 @@ def list_items(
     )
 
 
-@router.post("/{batch_id}/cancel", response_model=CancelResult, responses=ERROR_RESPONSES,
+@router.post("/{batch_id}/cancel", response_model=CancelResult, responses=CANCEL_ERRORS,
              summary="Cooperative cancel: queued items stop now, running chunks at their next check")
 def cancel_batch(batch_id: str, session: SessionDep, principal: SubmitterDep) -> CancelResult:
     batch = visible_batch(session, principal, batch_id, for_update=True)
@@ -224,7 +230,7 @@ def cancel_batch(batch_id: str, session: SessionDep, principal: SubmitterDep) ->
     return CancelResult(batch=queries.batch_view(session, batch), items_cancelled=cancelled)
 
 
-@router.post("/{batch_id}/retry", response_model=RetryResult, responses=ERROR_RESPONSES,
+@router.post("/{batch_id}/retry", response_model=RetryResult, responses=BATCH_ERRORS,
              summary="Re-queue the failed and dead items with a fresh attempt budget")
 def retry_batch(batch_id: str, background: BackgroundTasks, session: SessionDep,
                 principal: SubmitterDep) -> RetryResult:
@@ -239,7 +245,7 @@ def retry_batch(batch_id: str, background: BackgroundTasks, session: SessionDep,
 # -- contact sheet -----------------------------------------------------------------------
 
 @router.get("/{batch_id}/contact-sheet.png", response_class=Response,
-         responses={**ERROR_RESPONSES, 200: {"content": {"image/png": {}}}},
+         responses={**BATCH_ERRORS, 200: {"content": {"image/png": {}}}},
          summary="A grid PNG of the batch's images, each badged with its QC verdict (and decision)")
 def contact_sheet_png(
     batch_id: str,

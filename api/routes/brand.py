@@ -10,8 +10,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from api.deps import AdminDep, ReaderDep, SessionDep, media_type, require_json_body
-from api.errors import APIError, not_found
-from api.routes.batches import ERROR_RESPONSES
+from api.errors import KEYED, WITH_BODY, APIError, error_responses, not_found
 from api.schemas.catalogue import BrandRulesOut
 from core import brand
 from core.keys import MAX_TEAM_CHARS
@@ -20,6 +19,7 @@ from core.storage import get_store
 
 router = APIRouter(prefix="/teams/{team}", tags=["brand"])
 TeamPath = Annotated[str, Path(max_length=MAX_TEAM_CHARS, pattern=r"^[^\x00/]+$")]
+MAX_VERSION = 2**31 - 1  # brand_rules.version is an INTEGER column: a larger one was a 500 in PostgreSQL
 
 
 def rules_out(rules: brand.TeamRules) -> BrandRulesOut:
@@ -27,17 +27,18 @@ def rules_out(rules: brand.TeamRules) -> BrandRulesOut:
                          created_at=rules.created_at)
 
 
-@router.get("/brand-rules", response_model=BrandRulesOut, responses=ERROR_RESPONSES,
+@router.get("/brand-rules", response_model=BrandRulesOut,
+            responses=error_responses(*KEYED, 404, meanings={404: "no rules yet, or another team's"}),
             summary="The team's brand rules (latest, or ?version=N); its own submitters and every other role")
 def get_rules(team: TeamPath, session: SessionDep, principal: ReaderDep,
-              version: Annotated[int | None, Query(ge=1)] = None) -> BrandRulesOut:
+              version: Annotated[int | None, Query(ge=1, le=MAX_VERSION)] = None) -> BrandRulesOut:
     found = brand.current_rules(session, team, version)
     if found is None or not principal.can_see_team(team):  # another team's rules are 404, like its batches
         raise not_found("brand rules")
     return rules_out(found)
 
 
-@router.put("/brand-rules", response_model=BrandRulesOut, responses=ERROR_RESPONSES,
+@router.put("/brand-rules", response_model=BrandRulesOut, responses=error_responses(*KEYED, *WITH_BODY, 409),
             dependencies=[Depends(require_json_body)],
             summary="Set the team's brand rules: a new version, audited; batches record the version they used")
 def put_rules(team: TeamPath, body: brand.BrandRules, session: SessionDep, principal: AdminDep) -> BrandRulesOut:
@@ -53,7 +54,7 @@ async def png_body(request: Request) -> bytes:
     return await request.body()
 
 
-@router.put("/logo", response_model=BrandRulesOut, responses=ERROR_RESPONSES,
+@router.put("/logo", response_model=BrandRulesOut, responses=error_responses(*KEYED, *WITH_BODY, 409),
             openapi_extra={"requestBody": {"required": True, "content": {"image/png": {
                 "schema": {"type": "string", "format": "binary"}}}}},
             summary="Upload the team's logo (PNG with alpha): stored under its sha256, a new rules version")

@@ -9,7 +9,7 @@ import time
 from collections.abc import AsyncIterator
 
 import anyio
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import HTMLResponse, StreamingResponse
 from sqlalchemy.orm import Session
 from sse_starlette import EventSourceResponse, ServerSentEvent
@@ -18,7 +18,7 @@ from api import queries
 from api.deps import ExternalIdsDep, ReaderDep, SessionDep, authenticate, in_short_session, visible_batch
 from api.report import batch_report, report_html
 from api.results import ResultFilter, archive_stream, csv_stream, jsonl_stream, result_pages
-from api.routes.batches import ERROR_RESPONSES
+from api.routes.batches import BATCH_ERRORS
 from api.schemas.results import BatchReport
 from core.storage import get_store
 from models import ItemState, ReviewDecision, Verdict
@@ -50,7 +50,7 @@ FilterDep = Annotated[ResultFilter, Depends(result_filter)]
 
 @router.get(
     "/{batch_id}/results", response_class=StreamingResponse, responses={
-        **ERROR_RESPONSES, 200: {"content": {MEDIA_TYPES[ResultFormat.CSV]: {}, MEDIA_TYPES[ResultFormat.JSONL]: {}},
+        **BATCH_ERRORS, 200: {"content": {MEDIA_TYPES[ResultFormat.CSV]: {}, MEDIA_TYPES[ResultFormat.JSONL]: {}},
                                  "description": "one row per image (or per item without one); see ResultRow"}},
     summary="The batch's results, one row per image, as CSV or JSON Lines (streamed; filter by state, verdict, "
             "decision, external id)",
@@ -70,7 +70,7 @@ def batch_results(
 
 @router.get(
     "/{batch_id}/archive.zip", response_class=StreamingResponse,
-    responses={**ERROR_RESPONSES, 200: {"content": {"application/zip": {}}}},
+    responses={**BATCH_ERRORS, 200: {"content": {"application/zip": {}}}},
     summary="The batch's images named by external id, plus manifest.csv, as one zip (streamed; same filters)",
 )
 def batch_archive(
@@ -90,7 +90,7 @@ PING_SECONDS = 15  # a comment line now and then keeps proxies from closing a qu
 
 @router.get(
     "/{batch_id}/events", response_class=EventSourceResponse,
-    responses={**ERROR_RESPONSES, 200: {"content": {"text/event-stream": {}}, "description": (
+    responses={**BATCH_ERRORS, 200: {"content": {"text/event-stream": {}}, "description": (
         "`progress` events (ProgressEvent JSON) whenever the counts change, then one `completed` event when "
         "every item has ended (unless until_complete=false)")}},
     summary="The batch's progress as server-sent events: counts per state, QC verdicts, review decisions",
@@ -134,15 +134,17 @@ async def progress_stream(batch_id: str, interval: float, until_complete: bool,
 REPORT_CSP = "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
 
 
-@router.get("/{batch_id}/report.json", response_model=BatchReport, responses=ERROR_RESPONSES,
+@router.get("/{batch_id}/report.json", response_model=BatchReport, responses=BATCH_ERRORS,
             summary="The batch's generation record: submitter, models and code, parameters, outcome, reviewers, "
                     "audit range and anchor")
 def batch_report_json(batch_id: str, session: SessionDep, principal: ReaderDep) -> BatchReport:
     return batch_report(session, get_store(), visible_batch(session, principal, batch_id))
 
 
-@router.get("/{batch_id}/report", response_class=HTMLResponse,
-            responses={**ERROR_RESPONSES, 200: {"content": {"text/html": {}}}},
+# response_class=Response, as for the contact sheet: FastAPI documents a route's error responses under its
+# response class's media type, and the errors are JSON (api/errors.py), not HTML.
+@router.get("/{batch_id}/report", response_class=Response,
+            responses={**BATCH_ERRORS, 200: {"content": {"text/html": {"schema": {"type": "string"}}}}},
             summary="The batch's generation record as a printable HTML page")
 def batch_report_page(batch_id: str, session: SessionDep, principal: ReaderDep) -> HTMLResponse:
     report = batch_report(session, get_store(), visible_batch(session, principal, batch_id))

@@ -12,8 +12,8 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
-from api.errors import error_response
 from api import queries
+from api.errors import error_response, error_responses
 from api.metrics import ITEMS_BY_STATE, OUTBOX_CHUNKS, QUEUE_DEPTH, REGISTRY, Throttle
 from core.broker import MAINTENANCE_QUEUE, QUEUE_FOR_PRIORITY, get_celery
 from core.db import get_engine, session_factory
@@ -71,7 +71,8 @@ def run_checks(checks: dict[str, Callable[[], None]], timeout: float = CHECK_TIM
     return results
 
 
-@router.get("/readyz", summary="Readiness: database, broker and storage each answer; 503 names the failed ones")
+@router.get("/readyz", responses=error_responses(503, meanings={503: "not ready: details name the failed checks"}),
+            summary="Readiness: database, broker and storage each answer; 503 names the failed ones")
 def readyz() -> JSONResponse:
     results = run_checks(READINESS_CHECKS)
     failed = [name for name, result in results.items() if not result["ok"]]

@@ -5,13 +5,13 @@ from fastapi import APIRouter, Request
 
 from api import queries
 from api.deps import ReaderDep, SessionDep, visible_item
-from api.routes.batches import ERROR_RESPONSES
+from api.errors import KEYED, error_responses
 from api.schemas import ItemDetail
 
 router = APIRouter(prefix="/items", tags=["items"])
 
 
-@router.get("/{item_id}", response_model=ItemDetail, responses=ERROR_RESPONSES,
+@router.get("/{item_id}", response_model=ItemDetail, responses=error_responses(*KEYED, 404, meanings={404: "no such item (or another team's)"}),
             summary="One item: its images (time-limited URLs), QC results and review decisions")
 def get_item(item_id: str, request: Request, session: SessionDep, principal: ReaderDep) -> ItemDetail:
     item, batch = visible_item(session, principal, item_id)

@@ -6,7 +6,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query
 
 from api.deps import AdminDep, SessionDep, require_json_body
-from api.errors import APIError, not_found
+from api.errors import KEYED, WITH_BODY, APIError, error_responses, not_found
 from api.schemas import KeyCreate, KeyCreated, KeyOut
 from core import keys
 
@@ -14,6 +14,7 @@ router = APIRouter(prefix="/keys", tags=["keys"])
 
 
 @router.post("", status_code=201, response_model=KeyCreated, dependencies=[Depends(require_json_body)],
+             responses=error_responses(*KEYED, *WITH_BODY),
              summary="Create a key; the response shows it once")
 def create_key(body: KeyCreate, session: SessionDep, principal: AdminDep) -> KeyCreated:
     try:
@@ -24,13 +25,14 @@ def create_key(body: KeyCreate, session: SessionDep, principal: AdminDep) -> Key
     return KeyCreated.model_validate({**KeyOut.model_validate(key).model_dump(), "key": plaintext})
 
 
-@router.get("", response_model=list[KeyOut], summary="Keys, oldest first (never the keys themselves)")
+@router.get("", response_model=list[KeyOut], responses=error_responses(*KEYED), summary="Keys, oldest first (never the keys themselves)")
 def list_keys(session: SessionDep, principal: AdminDep,
               include_revoked: Annotated[bool, Query()] = False) -> list[KeyOut]:
     return [KeyOut.model_validate(key) for key in keys.list_keys(session, include_revoked)]
 
 
-@router.post("/{key_id}/revoke", response_model=KeyOut, summary="Revoke a key (by id or shown prefix)")
+@router.post("/{key_id}/revoke", response_model=KeyOut,
+             responses=error_responses(*KEYED, 404, meanings={404: "no such key"}), summary="Revoke a key (by id or shown prefix)")
 def revoke_key(key_id: str, session: SessionDep, principal: AdminDep) -> KeyOut:
     if "\x00" in key_id:
         raise not_found("key")

@@ -21,9 +21,8 @@ from api.deps import (
     require_roles,
     visible_image,
 )
-from api.errors import APIError, not_found
+from api.errors import KEYED, WITH_BODY, APIError, error_responses, not_found
 from api.queries import bad_cursor, decode_cursor, encode_cursor
-from api.routes.batches import ERROR_RESPONSES
 from api.schemas.items import ReviewOut
 from api.schemas.review import (
     REASON_CODE_PATTERN,
@@ -46,8 +45,8 @@ PAGE_ASSETS = {"review.js": "text/javascript", "review.css": "text/css"}
 PAGE_CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: http: https:; "
             "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'")
 CURSOR_KIND = "r"
-REVIEW_RESPONSES = {**ERROR_RESPONSES, 404: {"description": "no such image (or another team's)"},
-                    409: {"description": "the image already has a decision"}}
+REVIEW_RESPONSES = error_responses(*KEYED, *WITH_BODY, 404, 409, meanings={
+    404: "no such image (or another team's)", 409: "the image already has a decision"})
 
 api = APIRouter(prefix="/v1", tags=["review"])
 page = APIRouter(tags=["review page"])
@@ -55,7 +54,7 @@ page = APIRouter(tags=["review page"])
 
 # -- the queue ---------------------------------------------------------------------------
 
-@api.get("/review", response_model=QueuePage, responses=ERROR_RESPONSES,
+@api.get("/review", response_model=QueuePage, responses=error_responses(*KEYED),
          summary="The QA queue: images with QC verdict 'review' and no decision yet, oldest first")
 def review_queue(
     request: Request,
@@ -129,7 +128,7 @@ def review_page() -> FileResponse:
     return FileResponse(STATIC_DIR / "review.html", media_type="text/html", headers=_page_headers())
 
 
-@page.get("/review/assets/{name}", response_class=Response, summary="The review page's script and style")
+@page.get("/review/assets/{name}", response_class=Response, responses=error_responses(404), summary="The review page's script and style")
 def review_asset(name: str) -> FileResponse:
     if name not in PAGE_ASSETS:
         raise not_found("asset")

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Depends, Path, Query
 
 from api import queries
 from api.deps import AdminDep, PrincipalDep, SessionDep, SubmitterDep, looks_like_id, require_json_body
-from api.errors import not_found
+from api.errors import KEYED, WITH_BODY, error_responses, not_found
 from api.schemas.teams import (
     DeliveryOut,
     DeliveryPage,
@@ -29,6 +29,9 @@ from core.settings import get_settings
 from models import Role
 
 router = APIRouter(tags=["teams"])
+TEAM_ERRORS = error_responses(*KEYED, 404, meanings={404: "no such team (or another team's)"})
+TEAM_WRITE_ERRORS = error_responses(*KEYED, *WITH_BODY, 404, meanings={404: "no such team (or another team's)"})
+WRITE_ERRORS = error_responses(*KEYED, *WITH_BODY)
 TeamPath = Annotated[str, Path(min_length=1, max_length=MAX_TEAM_CHARS, pattern=r"^[^\x00]+$")]
 
 
@@ -38,14 +41,14 @@ def own_team_or_admin(principal: Principal, team: str) -> None:
         raise not_found("team")
 
 
-@router.get("/teams/{team}/limits", response_model=LimitsOut, summary="A team's quotas and what it has queued")
+@router.get("/teams/{team}/limits", response_model=LimitsOut, responses=TEAM_ERRORS, summary="A team's quotas and what it has queued")
 def get_limits(team: TeamPath, session: SessionDep, principal: PrincipalDep) -> LimitsOut:
     if not principal.can_see_team(team):
         raise not_found("team")
     return queries.team_limits(session, team)
 
 
-@router.patch("/teams/{team}/limits", response_model=LimitsOut, dependencies=[Depends(require_json_body)],
+@router.patch("/teams/{team}/limits", response_model=LimitsOut, responses=WRITE_ERRORS, dependencies=[Depends(require_json_body)],
               summary="Override a team's quotas (null: back to the default; 0: no limit); audited")
 def set_limits(team: TeamPath, body: LimitsUpdate, session: SessionDep, principal: AdminDep) -> LimitsOut:
     quotas.set_limits(session, team, body.model_dump(exclude_unset=True), actor=principal.actor,
@@ -54,13 +57,13 @@ def set_limits(team: TeamPath, body: LimitsUpdate, session: SessionDep, principa
     return queries.team_limits(session, team)
 
 
-@router.get("/teams/{team}/webhook", response_model=WebhookSettingsOut, summary="A team's webhook endpoint")
+@router.get("/teams/{team}/webhook", response_model=WebhookSettingsOut, responses=TEAM_ERRORS, summary="A team's webhook endpoint")
 def get_webhook(team: TeamPath, session: SessionDep, principal: SubmitterDep) -> WebhookSettingsOut:
     own_team_or_admin(principal, team)
     return queries.webhook_settings(session, team)
 
 
-@router.put("/teams/{team}/webhook", response_model=WebhookSettingsOut, dependencies=[Depends(require_json_body)],
+@router.put("/teams/{team}/webhook", response_model=WebhookSettingsOut, responses=TEAM_WRITE_ERRORS, dependencies=[Depends(require_json_body)],
             summary="Set the team's webhook endpoint (used when a batch names none); audited")
 def set_webhook(team: TeamPath, body: WebhookSettingsUpdate, session: SessionDep,
                 principal: SubmitterDep) -> WebhookSettingsOut:
@@ -70,7 +73,7 @@ def set_webhook(team: TeamPath, body: WebhookSettingsUpdate, session: SessionDep
     return queries.webhook_settings(session, team)
 
 
-@router.post("/teams/{team}/webhook/rotate-secret", response_model=WebhookSecret,
+@router.post("/teams/{team}/webhook/rotate-secret", response_model=WebhookSecret, responses=TEAM_ERRORS,
              summary="A new signing secret, shown once; the previous one also signs for a grace period")
 def rotate_secret(team: TeamPath, session: SessionDep, principal: SubmitterDep) -> WebhookSecret:
     own_team_or_admin(principal, team)
@@ -79,7 +82,7 @@ def rotate_secret(team: TeamPath, session: SessionDep, principal: SubmitterDep) 
     return WebhookSecret(team=team, secret=secret)
 
 
-@router.get("/webhooks/deliveries", response_model=DeliveryPage, summary="Webhook deliveries, newest first")
+@router.get("/webhooks/deliveries", response_model=DeliveryPage, responses=error_responses(*KEYED), summary="Webhook deliveries, newest first")
 def list_deliveries(
     session: SessionDep, principal: SubmitterDep,
     batch_id: Annotated[str | None, Query(max_length=36)] = None,
@@ -91,6 +94,7 @@ def list_deliveries(
 
 
 @router.post("/webhooks/deliveries/{delivery_id}/resend", response_model=DeliveryOut,
+             responses=error_responses(*KEYED, 404, meanings={404: "no such delivery (or another team's)"}),
              summary="Send a delivery again now, with a fresh attempt budget; audited")
 def resend_delivery(delivery_id: str, session: SessionDep, principal: SubmitterDep) -> DeliveryOut:
     if not looks_like_id(delivery_id):

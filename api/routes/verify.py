@@ -6,8 +6,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, UploadFile
 
 from api.deps import ReaderDep, SessionDep
-from api.errors import APIError
-from api.routes.batches import ERROR_RESPONSES
+from api.errors import KEYED, WITH_BODY, APIError, error_responses
 from api.schemas.verify import VerifyOut
 from core.settings import get_settings
 from core.verification import UnreadableImage, trust_anchors, verify
@@ -15,7 +14,7 @@ from core.verification import UnreadableImage, trust_anchors, verify
 router = APIRouter(prefix="/verify", tags=["credentials"])
 
 
-@router.post("", response_model=VerifyOut, responses=ERROR_RESPONSES,
+@router.post("", response_model=VerifyOut, responses=error_responses(*KEYED, *WITH_BODY),
              summary="Check an image: C2PA manifest (valid, signer, trusted), watermark, and its ledger record")
 def verify_upload(file: Annotated[UploadFile, File(description="a PNG, WebP or JPEG image")],
                   session: SessionDep, principal: ReaderDep) -> VerifyOut:

@@ -5,30 +5,62 @@ from the settings at validation time, so the same models serve every configurati
 """
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import PurePosixPath, PureWindowsPath
-from typing import Any, Literal
-from urllib.parse import urlsplit
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import AfterValidator, BeforeValidator, Field, field_validator
 
-from api.schemas.common import RequestModel, ResponseModel, StrippedText, Text, UtcDatetime
+from api.schemas.common import (
+    NON_BLANK,
+    NonBlankText,
+    RequestModel,
+    ResponseModel,
+    StrippedText,
+    UtcDatetime,
+    storable_text,
+    stripped,
+)
 from api.schemas.review import ReviewCounts
 from core.ledger import BatchSpec, ItemSpec
-from core.params import MAX_SEED, GenerationParams, RefineParams
+from core.params import MAX_SEED, GenerationParams, RefineParams, WholeNumber, integral
 from core.settings import get_settings
 from models import BatchStatus, ItemState
 
 Priority = Literal["low", "normal", "high"]
 MAX_NAME_CHARS = 200  # batches.name, items.external_id
 MAX_URL_CHARS = 2000  # batches.webhook_url
+# What the webhook validator accepts, stated in the schema too: scheme, a host, an optional port,
+# then no space or control character (a URL has them percent-encoded).
+WEBHOOK_URL = r"^https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?([/?#][^\x00-\x20\x7f]*)?$"
+WebhookUrl = Annotated[str, AfterValidator(storable_text), Field(json_schema_extra={"pattern": WEBHOOK_URL})]
+
+
+def _limit_schema(keyword: str, setting: str) -> Callable[[dict[str, Any]], None]:
+    """A JSON schema limit read from the settings when the schema is built (the validators read them too)."""
+    def extra(schema: dict[str, Any]) -> None:
+        schema[keyword] = getattr(get_settings(), setting)
+    return extra
+
+
+def _prompt_schema(schema: dict[str, Any]) -> None:
+    schema.update(pattern=NON_BLANK, maxLength=get_settings().max_prompt_chars)
+
+
+# A request's params never carry the logo: it comes from the team's brand rules (api/catalogue.py,
+# brand_params refuses one), so the schema allows only null there.
+RequestedParams = Annotated[GenerationParams, Field(json_schema_extra={"properties": {"logo": {
+    "type": "null", "description": "set from the team's brand rules (PUT /v1/teams/{team}/logo), never by a request"}}})]
 
 
 class ItemIn(RequestModel):
-    prompt: StrippedText
+    prompt: Annotated[str, AfterValidator(storable_text), AfterValidator(stripped)] = Field(
+        json_schema_extra=_prompt_schema)
     external_id: StrippedText | None = Field(None, max_length=MAX_NAME_CHARS)
-    seed: int | None = Field(None, ge=0, le=MAX_SEED)
-    num_images: int = Field(1, ge=1)
+    seed: Annotated[int, Field(ge=0, le=MAX_SEED), BeforeValidator(integral)] | None = None
+    num_images: WholeNumber = Field(1, ge=1, json_schema_extra=_limit_schema("maximum", "max_images_per_item"))
 
     @field_validator("prompt")
     @classmethod
@@ -54,12 +86,13 @@ class ItemIn(RequestModel):
 class BatchCreate(RequestModel):
     """The body of ``POST /v1/batches``."""
 
-    name: StrippedText = Field(default_factory=lambda: default_name(), max_length=MAX_NAME_CHARS,
+    name: NonBlankText = Field(default_factory=lambda: default_name(), max_length=MAX_NAME_CHARS,
                                description="default: an upload's file name, else 'batch <UTC date and time>'")
-    items: list[ItemIn] = Field(min_length=1, description="at most MAX_ITEMS_PER_BATCH")
-    params: GenerationParams = Field(default_factory=GenerationParams)
+    items: list[ItemIn] = Field(min_length=1, description="at most MAX_ITEMS_PER_BATCH",
+                                json_schema_extra=_limit_schema("maxItems", "max_items_per_batch"))
+    params: RequestedParams = Field(default_factory=GenerationParams)
     priority: Priority = "normal"
-    webhook_url: Text | None = Field(None, max_length=MAX_URL_CHARS, description="http or https URL")
+    webhook_url: WebhookUrl | None = Field(None, max_length=MAX_URL_CHARS, description="http or https URL")
 
     @field_validator("name")
     @classmethod
@@ -82,9 +115,8 @@ class BatchCreate(RequestModel):
     def _webhook(cls, value: str | None) -> str | None:
         if value is None:
             return value
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("must be an http:// or https:// URL with a host")
+        if not re.fullmatch(WEBHOOK_URL, value):  # fullmatch: "$" alone would let a trailing newline by
+            raise ValueError("must be an http:// or https:// URL with a host (name or IPv4 address, optional port)")
         return value
 
     def to_spec(self) -> BatchSpec:

@@ -5,12 +5,13 @@ from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
-from api.schemas.batches import MAX_NAME_CHARS, MAX_URL_CHARS, Priority
-from api.schemas.common import RequestModel, ResponseModel, StrippedText, Text, UtcDatetime
+from api.schemas.batches import MAX_NAME_CHARS, MAX_URL_CHARS, Priority, RequestedParams
+from api.schemas.common import RequestModel, ResponseModel, StrippedText, UtcDatetime
 from core.brand import BrandRules
 from core.catalogue import Combine, TemplateSpec
 from core.params import GenerationParams
 from core.settings import get_settings
+from core.text import Text
 
 MAX_TEMPLATE_CHARS = 4000
 MAX_VARIANTS = 8
@@ -73,7 +74,7 @@ class CatalogueBatchCreate(RequestModel):
     template: CatalogueTemplate
     rows: list[dict[Text, Cell]] | None = Field(None, description="catalogue rows as JSON objects")
     catalogue_csv: Text | None = Field(None, description="or the catalogue as CSV text with a header row")
-    params: GenerationParams = Field(default_factory=GenerationParams)
+    params: RequestedParams = Field(default_factory=GenerationParams)
     priority: Priority = "normal"
     webhook_url: Text | None = Field(None, max_length=MAX_URL_CHARS, description="http or https URL")
 

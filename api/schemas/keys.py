@@ -5,7 +5,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from api.schemas.common import RequestModel, ResponseModel, StrippedText, UtcDatetime
+from api.schemas.common import NonBlankText, RequestModel, ResponseModel, UtcDatetime
 from core.keys import MAX_NAME_CHARS, MAX_TEAM_CHARS
 from models import Role
 
@@ -13,9 +13,9 @@ RoleName = Literal[tuple(role.value for role in Role)]  # a Literal, so strict J
 
 
 class KeyCreate(RequestModel):
-    name: StrippedText = Field(min_length=1, max_length=MAX_NAME_CHARS)
+    name: NonBlankText = Field(min_length=1, max_length=MAX_NAME_CHARS)
     role: RoleName
-    team: StrippedText = Field(min_length=1, max_length=MAX_TEAM_CHARS)
+    team: NonBlankText = Field(min_length=1, max_length=MAX_TEAM_CHARS)
 
     @field_validator("name", "team")
     @classmethod

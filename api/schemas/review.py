@@ -5,9 +5,10 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from api.schemas.common import RequestModel, ResponseModel, Text, UtcDatetime
-from api.schemas.verify import CredentialsOut
+from api.schemas.common import RequestModel, ResponseModel, UtcDatetime
 from api.schemas.items import ReviewOut
+from api.schemas.verify import CredentialsOut
+from core.text import Text
 
 REASON_CODE_PATTERN = r"^[a-z0-9][a-z0-9_.\-]{0,99}$"
 MAX_COMMENT_CHARS = 2000

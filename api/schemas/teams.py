@@ -1,20 +1,23 @@
 """Team limits, webhook settings and webhook deliveries."""
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AnyHttpUrl, Field
+from pydantic import AnyHttpUrl, BeforeValidator, Field
 
 from api.schemas.common import RequestModel, ResponseModel, UtcDatetime
+from core.params import integral
 
-LimitValue = int | None
+# An integer or null; 7806.0 counts as 7806, as JSON Schema's "integer" says (core/params.py, WholeNumber).
+QueuedImagesLimit = Annotated[int, Field(ge=0, le=100_000_000), BeforeValidator(integral)] | None
+SubmissionsLimit = Annotated[int, Field(ge=0, le=1_000_000), BeforeValidator(integral)] | None
 
 
 class LimitsUpdate(RequestModel):
     """Fields left out stay as they are; null puts the setting's default back; 0 turns a limit off."""
 
-    max_queued_images: LimitValue = Field(None, ge=0, le=100_000_000)
-    submissions_per_minute: LimitValue = Field(None, ge=0, le=1_000_000)
+    max_queued_images: QueuedImagesLimit = None
+    submissions_per_minute: SubmissionsLimit = None
 
 
 class LimitsOut(ResponseModel):

@@ -3,6 +3,9 @@
 For the scenario's batches:
 
 - every item is terminal (``stuck``: the ones that are not);
+- no innocent item ended ``failed`` or ``dead``: a fault in the infrastructure (a kill, an outage,
+  a lost broker) must cost time, never an item, so such an item counts as ``lost``; only the
+  scenario's own poison items (``may_fail``) may end that way;
 - each succeeded item has exactly ``num_images`` image rows (regenerations aside), indexes
   0..n-1 once each, one ``item.generated`` event; each image's object exists and its sha256 is
   the ledger's (``lost`` otherwise); more rows, a repeated index or a second recorded run is
@@ -18,6 +21,7 @@ from __future__ import annotations
 import hashlib
 from collections import defaultdict
 from dataclasses import dataclass, field
+from collections.abc import Collection
 from typing import Any
 
 from sqlalchemy import text
@@ -59,11 +63,15 @@ class InvariantReport:
         return " | ".join(parts) or "none"
 
 
-def check(stack: FaultStack, batch_ids: list[str], *, idempotency_keys: list[str] = ()) -> InvariantReport:
+UNSUCCESSFUL = ("failed", "dead")
+
+
+def check(stack: FaultStack, batch_ids: list[str], *, idempotency_keys: Collection[str] = (),
+          may_fail: Collection[str] = ()) -> InvariantReport:
     report = InvariantReport()
     with stack.engine.connect() as conn:
         for batch_id in batch_ids:
-            _check_batch(conn, stack, batch_id, report)
+            _check_batch(conn, stack, batch_id, report, set(may_fail))
         for key in idempotency_keys:
             n = conn.execute(text("SELECT count(*) FROM batches WHERE idempotency_key = :k"), {"k": key}).scalar()
             if n != 1:
@@ -72,7 +80,7 @@ def check(stack: FaultStack, batch_ids: list[str], *, idempotency_keys: list[str
     return report
 
 
-def _check_batch(conn: Any, stack: FaultStack, batch_id: str, report: InvariantReport) -> None:
+def _check_batch(conn: Any, stack: FaultStack, batch_id: str, report: InvariantReport, may_fail: set[str]) -> None:
     batch = conn.execute(text("SELECT total_items, total_images, finished_at FROM batches WHERE id = :b"),
                          {"b": batch_id}).one()
     items = conn.execute(text("SELECT id, seq, state, num_images, attempts FROM items WHERE batch_id = :b ORDER BY seq"),
@@ -102,6 +110,8 @@ def _check_batch(conn: Any, stack: FaultStack, batch_id: str, report: InvariantR
         label = f"item seq={item.seq} ({item.id[:8]}, {item.state}, attempts={item.attempts})"
         if item.state not in TERMINAL:
             report.stuck.append(label)
+        if item.state in UNSUCCESSFUL and item.id not in may_fail:
+            report.lost.append(f"{label}: an innocent item ended {item.state}")
         rows = originals.get(item.id, [])
         if item.state == "succeeded":
             indexes = sorted(row.index for row in rows)

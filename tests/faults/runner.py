@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from tests.faults import invariants
+from tests.faults.services import wait_until
 from tests.faults.stack import ACTIVE, Bounds, FaultStack, images_of
 
 RESULTS: list["ScenarioResult"] = []
@@ -94,6 +95,7 @@ class Scenario:
         self.inflight: list[str] = []
         self.samples: list[tuple[float, dict[str, int]]] = []
         self.idempotency_keys: list[str] = []
+        self.may_fail: set[str] = set()  # item ids allowed to end failed/dead (a poison); any other is lost
         self.failures: list[str] = []
         self.moved: Callable[[dict[str, int]], int] = lambda snap: snap["succeeded"]
         say(f"scenario={name} items={len(body['items'])} images={images_of(body)} lease={self.bounds.lease_s:.0f}s "
@@ -139,11 +141,34 @@ class Scenario:
         raise AssertionError(f"{self.name}: batch not moving {timeout:.0f}s after submission: "
                              f"{self.stack.diagnose(self.batch_id)}\n{self.stack.log_excerpt()}")
 
+    def wait_chunk_running(self, pids: Callable[[], Iterable[int]] | None = None,
+                           timeout: float = 240.0) -> tuple[int, list[str]]:
+        """Mid-batch, then until a live worker process (one of ``pids()``; by default any worker or
+        pool child of the stack) holds running items of the batch: (its pid, those items).
+
+        The fault then lands on a chunk in flight (claimed, a micro-batch rendering or recording),
+        not in the gap between two chunks, which is the case an outage or a kill must survive."""
+        self.wait_mid_batch(need_running=False, timeout=timeout)
+        pids = pids or self.stack.worker_pids
+
+        def holder() -> tuple[int, list[str]] | None:
+            snap = self.sample()
+            if snap is not None and snap["finished"]:
+                raise AssertionError(f"{self.name}: the batch ended before the fault; raise INSTABATCH_FAULTS_ITEMS")
+            candidates = set(pids())
+            for owner, item_ids in self.stack.running_owners(self.batch_id).items():
+                pid = FaultStack.owner_pid(owner)
+                if pid in candidates:
+                    return pid, item_ids
+            return None
+        return wait_until(holder, timeout, interval=0.05, what=f"{self.name}: a worker process holding running items")
+
     def mark_fault(self, label: str, inflight: list[str] | None = None) -> None:
         snap = self.sample() or (self.samples[-1][1] if self.samples else {"succeeded": 0})
         self.fault_at = time.monotonic()
         self.moved_at_fault = self.moved(snap)
         self.inflight = list(inflight or [])
+        self.result.extra.setdefault("in_flight_at_fault", len(self.inflight))
         say(f"scenario={self.name} fault: {label} (at {snap}, {len(self.inflight)} items in flight)")
 
     def wait_terminal(self) -> bool:
@@ -196,7 +221,8 @@ class Scenario:
         self.measure()
         stuck_diagnosis = "" if terminal else self.stack.diagnose(self.batch_id)
         try:
-            report = invariants.check(self.stack, batch_ids or [self.batch_id], idempotency_keys=self.idempotency_keys)
+            report = invariants.check(self.stack, batch_ids or [self.batch_id], idempotency_keys=self.idempotency_keys,
+                                      may_fail=self.may_fail)
         except Exception as error:  # noqa: BLE001 - still report the scenario
             report = invariants.InvariantReport(chain=f"checker failed: {type(error).__name__}: {error}")
             self.failures.append(f"invariant checker failed: {type(error).__name__}: {error}")

@@ -214,6 +214,10 @@ class FaultStack:
     def live_workers(self) -> list[Proc]:
         return [proc for proc in self.workers if proc.alive]
 
+    def worker_pids(self) -> list[int]:
+        """Every live worker process: solo workers, prefork parents and their pool children."""
+        return [pid for proc in self.live_workers() for pid in (proc.pid, *proc.children())]
+
     def close(self) -> None:
         for proc in [*self.workers, self.beat, self.api]:
             if proc is not None:
