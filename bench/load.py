@@ -197,6 +197,9 @@ def api_server(database_url: str, broker_url: str, workdir: Path, extra_env: dic
     log_path = workdir / f"api-{port}.log"
     env = {**os.environ, "DATABASE_URL": database_url, "BROKER_URL": broker_url,
            "INSTABATCH_VAR_DIR": str(workdir / "var"),
+           # The load runs measure what the API serves, not the per-team quotas (0 = no limit), which
+           # would answer most of 50 clients' submissions with 429 (tests/test_quotas.py covers those).
+           "QUOTA_SUBMISSIONS_PER_MINUTE": "0", "QUOTA_MAX_QUEUED_IMAGES": "0",
            "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
            **(extra_env or {})}
     with open(log_path, "wb") as log:
