@@ -1,7 +1,8 @@
 """Content Credentials in the image steps: the watermark before encoding, the signed manifest after.
 
-``mark`` runs on the decoded picture (the watermark lives in the pixels, so QC and the file see
-the marked picture); ``sign`` runs on the encoded bytes before they are hashed and stored, so the
+``mark`` runs on the decoded picture, in the worker's encoder pool together with encoding
+(``mark_and_encode``: the watermark is the costliest CPU step per image); QC, which runs beside
+encoding, judges the unmarked picture, the watermark being invisible. ``sign`` runs on the encoded bytes before they are hashed and stored, so the
 ledger's sha256 is the signed file's and the write-once keys do not change. The manifest's time
 and instance id differ per signing: a retried chunk adopts the object already stored, and the
 same prompt, seed, params and key give the same pixels, not the same file (docs/compliance.md,
@@ -14,6 +15,7 @@ from typing import Any
 from PIL import Image
 
 from core import credentials, watermark
+from core.provenance import Encoding, encode_image
 from core.settings import Settings
 from worker.version import code_version
 
@@ -31,9 +33,7 @@ class Sealer:
         self.signers = credentials.load_signers(settings)  # raises at worker start, not per item
 
     def mark(self, picture: Image.Image, record: dict[str, Any]) -> tuple[Image.Image, watermark.Mark]:
-        mark_id = watermark.watermark_id(*(f"{name}={record[name]}" for name in sorted(record)
-                                           if name not in ROW_FIELDS))
-        return watermark.embed(picture, mark_id)
+        return watermark.embed(picture, mark_id(record))
 
     def sign(self, data: bytes, mime_type: str, record: dict[str, Any], mark: watermark.Mark, *,
              team: str | None, submitted_hash: str | None) -> tuple[bytes, dict[str, Any]]:
@@ -61,6 +61,19 @@ class Sealer:
     def _refined(record: dict[str, Any]) -> dict[str, Any] | None:
         refined = {name: value for name, value in record.items() if name.startswith("refine")}
         return refined or None
+
+
+def mark_id(record: dict[str, Any]) -> str:
+    """The watermark id of an image: from what decides its pixels, not from the rows it lands in."""
+    return watermark.watermark_id(*(f"{name}={record[name]}" for name in sorted(record) if name not in ROW_FIELDS))
+
+
+def mark_and_encode(picture: Image.Image, mark: str, encoding: Encoding,
+                    record: dict[str, Any]) -> tuple[bytes, watermark.Mark]:
+    """The watermarked picture's file and its mark: one job of the encoder pool (module-level, so a
+    process pool can run it too)."""
+    marked, embedded = watermark.embed(picture, mark)
+    return encode_image(marked, encoding, record), embedded
 
 
 def embedded_watermark_id(state: dict[str, Any] | None) -> str | None:

@@ -3,8 +3,8 @@
 
     generate  one forward pass for a list of (item, index, seed) jobs; a pass that runs out of
               device memory is split in half, down to one image ("Out of device memory")
-    encode    each image to the batch's format with its provenance (core.provenance.encode_image),
-              in the worker's encoder pool
+    encode    each image watermarked and in the batch's format with its provenance, in the worker's
+              encoder pool (worker/sealing.py, core.provenance.encode_image), then signed
     store     each file under its write-once key (several uploads at once)
     check     QC on the stored images; QC never fails generation
     record    the image rows and their QC rows, bulk-inserted in the caller's transaction; returns
@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 
 from core import webhooks
 from core.params import GenerationParams
-from core.provenance import CONTENT_TYPES, Encoding, encode_image
+from core.provenance import CONTENT_TYPES, Encoding
 from models import AuditEvent, Batch, Image, ImagePhashBand, QcResult, Verdict, utcnow
 from models.base import new_id
 from qc.phash import BAND_MAX_DISTANCE, HashIndex
@@ -36,7 +36,7 @@ from worker.context import WorkerContext
 from worker.duplicates import LedgerHashIndex, band_rows
 from worker.leases import ClaimedItem
 from worker.records import object_metadata, provenance, storage_key
-from worker.sealing import embedded_watermark_id
+from worker.sealing import embedded_watermark_id, mark_and_encode, mark_id
 
 log = logging.getLogger(__name__)
 Job = tuple[ClaimedItem, int, int]  # (item, image index, seed)
@@ -178,18 +178,18 @@ class ImageSteps:
         ]
 
     def encode(self, batch: BatchView, images: list[GeneratedImage]) -> list[RenderedImage]:
-        """Each image watermarked, in the batch's format with its provenance (in the worker's encoder
-        pool), then signed with its Content Credentials, before anything hashes or stores it
+        """Each image watermarked and put in the batch's format with its provenance (together, in the
+        worker's encoder pool), then signed with its Content Credentials, before anything hashes or stores it
         (docs/architecture.md, "Content Credentials")."""
         began = time.perf_counter()
         sealer = self.ctx.sealer
-        marked = [sealer.mark(image.picture, image.record) for image in images]
-        files = list(self.ctx.encoders.map(encode_image, [picture for picture, _ in marked],
+        files = list(self.ctx.encoders.map(mark_and_encode, [image.picture for image in images],
+                                           [mark_id(image.record) for image in images],
                                            [batch.encoding] * len(images), [image.record for image in images]))
         content_type = CONTENT_TYPES[batch.encoding.format]
         signed = [sealer.sign(data, content_type, image.record, mark, team=batch.team,
                               submitted_hash=batch.submitted_hash)
-                  for data, image, (_, mark) in zip(files, images, marked)]
+                  for (data, mark), image in zip(files, images)]
         elapsed = time.perf_counter() - began
         self.seconds["encode"] += elapsed
         metrics.observe_stage("encode", elapsed)
