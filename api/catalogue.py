@@ -22,7 +22,7 @@ from api.intake import JSON_TYPES
 from api.schemas import BatchCreate
 from api.schemas.catalogue import BatchPreview, CatalogueBatchCreate, PreviewItem, RowProblemOut
 from core.brand import Branded, TeamRules, apply_rules, current_rules
-from core.catalogue import Check, CatalogueError, CatalogueRow, RowProblem, expand, json_rows, read_csv_rows
+from core.catalogue import CatalogueError, CatalogueRow, Check, RowProblem, expand, json_rows, read_csv_rows
 from core.ledger import BatchSpec, ItemSpec
 from core.params import GenerationParams
 from core.settings import get_settings

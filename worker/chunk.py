@@ -35,8 +35,8 @@ from sqlalchemy.orm import Session
 from core import audit, webhooks
 from core.db import ledger_now
 from core.dispatch import dispatch_pending, mark_claimed
-from core.logs import bind_ids
 from core.ledger import pack_by_images
+from core.logs import bind_ids
 from core.params import image_seed
 from core.retry import is_transient
 from models import Batch, Item, ItemState

@@ -22,8 +22,8 @@ from core.storage import ObjectStore, make_store
 from qc.checker import QualityChecker
 from qc.screening import ScreeningPolicy, screen_prompt
 from worker.model_runner import ModelRunner
-from worker.sealing import Sealer
 from worker.pipeline import make_encoder_pool
+from worker.sealing import Sealer
 
 log = logging.getLogger(__name__)
 UPLOAD_THREADS = 8

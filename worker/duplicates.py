@@ -15,7 +15,7 @@ from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
 
 from models import Image, ImagePhashBand
-from qc.phash import HashIndex, DuplicateMatch, luma_bands
+from qc.phash import DuplicateMatch, HashIndex, luma_bands
 
 InLedger = Callable[[Callable[[Session], Any]], Any]
 

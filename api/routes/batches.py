@@ -31,12 +31,12 @@ from api.schemas import (
     ItemPage,
     RetryResult,
 )
+from api.schemas.catalogue import BatchPreview
 from core import ledger, quotas
 from core.keys import MAX_TEAM_CHARS, Principal
 from core.logs import bind_ids
 from core.settings import get_settings
 from core.storage import get_store
-from api.schemas.catalogue import BatchPreview
 from models import Batch, ItemState, Verdict
 from qc.contact_sheet import batch_contact_sheet, png_bytes
 

@@ -1,9 +1,8 @@
 """A team's brand rules (admins write, the team reads) and its logo upload. Each change is a new version."""
 from __future__ import annotations
 
-from typing import Annotated
-
 from collections.abc import Callable
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Query, Request
 from sqlalchemy.exc import IntegrityError

@@ -2,11 +2,10 @@
 (docs/architecture.md, "Results out, progress pushed, the remote client")."""
 from __future__ import annotations
 
-from enum import StrEnum
-from typing import Annotated
-
 import time
 from collections.abc import AsyncIterator
+from enum import StrEnum
+from typing import Annotated
 
 import anyio
 from fastapi import APIRouter, Depends, Query, Request, Response
