@@ -124,6 +124,12 @@ def refined_size_schema(schema: dict[str, Any]) -> None:
     schema["allOf"] = [refined_size_rule()]
 
 
+def _model_names_schema(schema: dict[str, Any]) -> None:
+    from core.registry import DEFAULT_ALIAS, get_registry
+
+    schema["enum"] = [DEFAULT_ALIAS, *get_registry().names()]
+
+
 def _rules_schema(schema: dict[str, Any]) -> None:
     schema["allOf"] = [
         {"if": {"required": ["negative_prompt"], "properties": {"negative_prompt": {"type": "string", "minLength": 1}}},
@@ -146,7 +152,9 @@ class GenerationParams(BaseModel):
                                         json_schema_extra=_prompt_limit_schema)
     refine: RefineParams = Field(default_factory=RefineParams)
     output: OutputParams = Field(default_factory=OutputParams)
-    model: Literal["default"] = "default"
+    model: str = Field("default", description="a name from the deployment's model registry (GET /v1/models); "
+                       "'default' is its default model. Unset steps and guidance take the model's defaults",
+                       json_schema_extra=_model_names_schema)
     logo: LogoParams | None = Field(None, description="set from the team's brand rules; not for submitters")
 
     @classmethod
@@ -186,6 +194,30 @@ class GenerationParams(BaseModel):
         if value is not None and len(value) > get_settings().max_prompt_chars:
             raise ValueError(f"must have at most {get_settings().max_prompt_chars} characters")
         return value
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, value: str) -> str:
+        from core.registry import get_registry
+
+        get_registry().resolve(value)  # UnknownModelError (a ValueError) lists the names served
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _model_defaults(cls, data: Any) -> Any:
+        """A batch that names a model and sets no steps or guidance gets the model's own (the teacher's
+        25 steps and guidance 2, say): filled in before validation, so the stored params say what ran."""
+        if not isinstance(data, dict) or data.get("model") in (None, "default"):
+            return data
+        from core.registry import UnknownModelError, get_registry
+
+        try:
+            spec = get_registry().get(data["model"])
+        except (UnknownModelError, TypeError):
+            return data  # the field validator reports it
+        defaults = {"num_inference_steps": spec.steps, "guidance_scale": spec.guidance}
+        return {**{k: v for k, v in defaults.items() if k not in data}, **data}
 
     @model_validator(mode="after")
     def _negative_prompt_needs_guidance(self) -> "GenerationParams":

@@ -20,6 +20,7 @@ WEIGHTS_DIR = REPO_ROOT / "instaflow" / "weights"
 TINY_MODEL_DIR = WEIGHTS_DIR / "tiny-instaflow"
 TINY_REFINER_DIR = WEIGHTS_DIR / "tiny-2rf"
 TINY_JUDGE_DIR = WEIGHTS_DIR / "judge"
+TINY_REGISTRY = WEIGHTS_DIR / "models.toml"
 
 
 class Settings(BaseSettings):
@@ -39,7 +40,9 @@ class Settings(BaseSettings):
     presign_seconds: int = Field(3600, alias="PRESIGN_SECONDS")
     objects_dir: Path | None = Field(None, alias="INSTABATCH_OBJECTS_DIR")
 
-    # The generation engine.
+    # The generation engine. The registry names the models a batch may ask for (core/registry.py);
+    # INSTABATCH_MODEL, when set, is the folder of the registry's default model.
+    models_file: Path = Field(TINY_REGISTRY, alias="INSTABATCH_MODELS")
     model_path: Path = Field(TINY_MODEL_DIR, alias="INSTABATCH_MODEL")
     refiner_path: Path = Field(TINY_REFINER_DIR, alias="INSTABATCH_REFINER")
     device: str | None = Field(None, alias="INSTABATCH_DEVICE")
