@@ -25,10 +25,10 @@ from typing import Callable
 import numpy as np
 import torch
 
+from core.settings import TINY_REFINER_DIR
 from instaflow.tiny import flow, recipe
 from instaflow.tiny.models import load_folder
 from instaflow.tiny.text import load_tokenizer, tokenize
-from core.settings import TINY_REFINER_DIR
 
 
 @dataclass(frozen=True)
