@@ -11,7 +11,7 @@ plain fp16 diffusers folder, the one the reference pipeline is checked against),
                                       scale per output channel (symmetric, absmax / 127); the rest fp16
     vae/, text_encoder/, tokenizer/   relative symlinks into the default model's folder
 
-`load_unet` reads either kind of unet/ folder; `export_standard` writes a plain fp16 diffusers
+`load_unet` reads either kind of unet/ folder; `export_standard` writes a plain diffusers
 folder from a compact one (for tools that read only the standard layout, such as the reference
 InstaFlow pipeline). Per-channel int8 keeps each weight within half a step of 1/127 of its
 channel's largest magnitude.
@@ -106,15 +106,17 @@ def write_compact(source: Path, out: Path, share_from: Path, name: str | None = 
     return out
 
 
-def export_standard(source: Path, out: Path) -> Path:
-    """A plain fp16 diffusers folder (copied parts, dequantized UNet) from a compact or standard one."""
+def export_standard(source: Path, out: Path, dtype: torch.dtype | None = None) -> Path:
+    """A plain diffusers folder (parts copied, the UNet dequantized) from a compact or standard one.
+    fp32 by default: the exported UNet then holds exactly the values our loader computes."""
     import torch
 
     source, out = Path(source), Path(out)
     if out.exists():
         shutil.rmtree(out)
     shutil.copytree(source, out, symlinks=False, ignore=shutil.ignore_patterns("unet"))
-    load_unet(source / "unet", torch.float32).to(torch.float16).save_pretrained(out / "unet", safe_serialization=True)
+    unet = load_unet(source / "unet", torch.float32).to(dtype or torch.float32)
+    unet.save_pretrained(out / "unet", safe_serialization=True)
     return out
 
 

@@ -25,7 +25,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from core.settings import TINY_REFINER_DIR
+from core.settings import TINY_REFINER_DIR, WEIGHTS_DIR
+from instaflow import compact
 from instaflow.tiny import flow, recipe
 from instaflow.tiny.models import load_folder
 from instaflow.tiny.text import load_tokenizer, tokenize
@@ -119,7 +120,45 @@ def rederive(out: Path | str = "var/tiny-rederive", quick: bool = False, log: Ca
     return summary
 
 
+def publish(run_out: Path | str, weights_dir: Path = WEIGHTS_DIR) -> list[Path]:
+    """The teacher and the ablation into the weights folder as compact checkpoints (instaflow/compact.py)
+    sharing the default model's VAE, text encoder and tokenizer; the 2-RF made compact the same way."""
+    run_out, default = Path(run_out), weights_dir / "tiny-instaflow"
+    published = []
+    for source, name in ((run_out / "teacher", "tiny-teacher"), (run_out / "direct-distill", "tiny-direct"),
+                         (weights_dir / "tiny-2rf", "tiny-2rf")):
+        if compact.is_compact(source / "unet"):
+            continue
+        _check_frozen_parts(source, default)
+        staged = _with_parts_of(source, default, run_out / f"{name}-staged")
+        published.append(compact.write_compact(staged, weights_dir / name, default, name=name))
+    return published
+
+
+def _check_frozen_parts(source: Path, default: Path) -> None:
+    """The frozen VAE and text encoder were saved in fp32 from the shipped fp16 ones: equal values."""
+    _, vae, text_encoder, _ = load_folder(source)
+    _, vae0, text_encoder0, _ = load_folder(default)
+    for a, b in ((vae, vae0), (text_encoder, text_encoder0)):
+        for (name, x), (_, y) in zip(sorted(a.state_dict().items()), sorted(b.state_dict().items())):
+            if not torch.equal(x.half().float(), y):
+                raise ValueError(f"{source}: {name} is not the shipped model's: it cannot be shared")
+
+
+def _with_parts_of(source: Path, default: Path, staged: Path) -> Path:
+    """A copy of `source` whose shared parts are the default model's files, byte for byte."""
+    if staged.exists():
+        shutil.rmtree(staged)
+    shutil.copytree(source, staged, ignore=shutil.ignore_patterns(*compact.SHARED_PARTS))
+    for part in compact.SHARED_PARTS:
+        shutil.copytree(default / part, staged / part)
+    return staged
+
+
 if __name__ == "__main__":
     import sys
 
-    rederive(sys.argv[1] if len(sys.argv) > 1 else "var/tiny-rederive", quick="--quick" in sys.argv)
+    out = sys.argv[1] if len(sys.argv) > 1 else "var/tiny-rederive"
+    rederive(out, quick="--quick" in sys.argv)
+    if "--publish" in sys.argv:
+        print("published", *publish(out))
