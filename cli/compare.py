@@ -9,35 +9,40 @@ Exit 2: an unknown model (the names served are listed), a bad prompt file or opt
 from __future__ import annotations
 
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-progress_console = Console(stderr=True, highlight=False)
+progress_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def compare(
     prompts: Annotated[Path, typer.Argument(help="CSV (external_id,prompt,seed[,num_images]) or JSONL of prompts",
                                             exists=True, dir_okay=False)],
-    models: Annotated[Optional[str], typer.Option(
+    models: Annotated[str | None, typer.Option(
         help="comma-separated registry names, in report order (default: every registered model but refiners)")]
     = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="report folder (default: out/compare/<UTC time>)")]
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="report folder (default: out/compare/<UTC time>)")]
     = None,
-    batch_size: Annotated[Optional[int], typer.Option(
+    batch_size: Annotated[int | None, typer.Option(
         help="images per forward pass (default: the worker's micro-batch, INSTABATCH_MICRO_BATCH)", min=1, max=1024)]
     = None,
+    repeats: Annotated[int, typer.Option(
+        help="timed passes over the prompts per model; the fastest counts (the first one's images are kept)",
+        min=1)] = 1,
     seed: Annotated[int, typer.Option(help="items without a seed get this + their row number")] = 0,
-    steps: Annotated[Optional[list[str]], typer.Option(
-        help="Euler steps instead of the registry's: N for every model, or NAME=N (repeatable)")] = None,
-    guidance: Annotated[Optional[list[str]], typer.Option(
-        help="guidance scale instead of the registry's: G for every model, or NAME=G (repeatable)")] = None,
-    width: Annotated[Optional[int], typer.Option(help="image width (default: each model's)")] = None,
-    height: Annotated[Optional[int], typer.Option(help="image height (default: each model's)")] = None,
+    steps: Annotated[list[str] | None, typer.Option(
+        help="Euler steps instead of the registry's: N for every model, or NAME=N (repeatable)",
+        metavar="N|NAME=N")] = None,
+    guidance: Annotated[list[str] | None, typer.Option(
+        help="guidance scale instead of the registry's: G for every model, or NAME=G (repeatable)",
+        metavar="G|NAME=G")] = None,
+    width: Annotated[int | None, typer.Option(help="image width (default: each model's)")] = None,
+    height: Annotated[int | None, typer.Option(help="image height (default: each model's)")] = None,
     pass_tolerance: Annotated[float, typer.Option(
         help="recommendation: percentage points of pass rate a model may trail the best by", min=0)] = 2.0,
     alignment_tolerance: Annotated[float, typer.Option(
@@ -61,10 +66,10 @@ def compare(
         progress_console.print(f"[red]error:[/] {error}", soft_wrap=True)
         raise typer.Exit(2) from None
     jobs = plan_jobs(spec.items, seed)
-    out = out or Path("out") / "compare" / datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    out = out or Path("out") / "compare" / datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     options = {"prompts": str(prompts), "models": [c.name for c in choices], "images": len(jobs),
-               "batch_size": batch_size or settings.micro_batch, "seed": seed, "device": settings.device,
-               "pass_tolerance": pass_tolerance, "alignment_tolerance": alignment_tolerance}
+               "batch_size": batch_size or settings.micro_batch, "repeats": repeats, "seed": seed,
+               "device": settings.device, "pass_tolerance": pass_tolerance, "alignment_tolerance": alignment_tolerance}
     _run(choices, jobs, out, options)
 
 
@@ -85,8 +90,15 @@ def _overrides(option: str, values: list[str] | None, kind: type) -> dict[str | 
 def _run(choices: list, jobs: list, out: Path, options: dict) -> None:
     from core.settings import get_settings
     from qc.checker import QualityChecker
-    from qc.compare import (alignment_note, compare_models, recommend, recommendation_line, result_line, summarise,
-                            with_speedups)
+    from qc.compare import (
+        alignment_note,
+        compare_models,
+        recommend,
+        recommendation_line,
+        result_line,
+        summarise,
+        with_speedups,
+    )
     from qc.compare_report import write_report
 
     settings = get_settings()
@@ -99,7 +111,7 @@ def _run(choices: list, jobs: list, out: Path, options: dict) -> None:
         task = bar.add_task("", total=len(jobs) * len(choices))
         runs = compare_models(
             choices, jobs, batch_size=options["batch_size"], checker=checker, device=settings.device,
-            torch_threads=settings.torch_threads,
+            torch_threads=settings.torch_threads, repeats=options["repeats"],
             on_model=lambda choice: bar.update(task, description=f"{choice.name} ({choice.params.num_inference_steps} "
                                                                  f"steps)"),
             on_batch=lambda count: bar.advance(task, count),

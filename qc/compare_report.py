@@ -96,4 +96,4 @@ def _tile_label(cell: dict[str, Any]) -> str:
 def _summary_dict(summary: ModelSummary, run: ModelRun) -> dict[str, Any]:
     return {**asdict(summary), "path": str(run.choice.path), "weights_sha256": run.weights_sha256,
             "load_seconds": run.load_seconds, "warmup_seconds": run.warmup_seconds, "batch_size": run.batch_size,
-            "params": run.choice.params.model_dump(mode="json", exclude={"logo"})}
+            "params": run.choice.params.model_dump(mode="json", exclude={"logo", "model"})}
