@@ -166,6 +166,8 @@ def summary(name: str, images_per_s: float, pass_rate: float, alignment: float |
 def test_the_recommendation_is_the_fastest_model_within_both_tolerances():
     models = [summary("fast", 100, 0.90, 80.0), summary("mid", 20, 0.95, 85.5), summary("slow", 2, 0.96, 86.0)]
     assert recommend(models).name == "mid"  # fast trails by 6 points of pass rate
+    assert recommend(models).excluded == {"fast": "pass rate 6.0 points under the best, alignment 6.0 points "
+                                                  "under the best"}
     assert recommend(models, pass_tolerance=10, alignment_tolerance=10).name == "fast"
     assert recommend(models, pass_tolerance=10).name == "mid"  # fast trails by 6 alignment points
     assert recommend(models, pass_tolerance=0, alignment_tolerance=0).name == "slow"
