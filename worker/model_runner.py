@@ -26,11 +26,13 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Rendered:
-    """One forward pass's output: images in input order, the safety flags, and stage timings."""
+    """One forward pass's output: images in input order, the safety flags, stage timings, and the
+    identity of the model that made them (``ModelRunner.identity``; None: the engine serves one model)."""
 
     images: list[Any]
     nsfw_flags: list[bool]
     seconds: dict[str, float]
+    identity: dict[str, str] | None = None
 
 
 class ModelRunner:
@@ -113,7 +115,8 @@ class ModelRunner:
         ``params.model``); refine after it when asked. ``pad=False`` runs the pass at its own size
         (a half split off after running out of memory)."""
         self._apply_thread_limit()
-        pipe = self.pipeline(model if model is not None else params.model)
+        name = self.registry.resolve(model if model is not None else params.model)
+        pipe = self.pipeline(name)
         started = time.perf_counter()
         fixed = self.settings.micro_batch if self.settings.pad_micro_batch and pad else None
         out = pipe(
@@ -129,7 +132,8 @@ class ModelRunner:
             refined, refined_flags = self._refine(images, prompts, seeds, params.refine_options, fixed)
             images, flags = refined, [a or b for a, b in zip(flags, refined_flags)]
             seconds["refine"] = time.perf_counter() - started
-        return Rendered(images=images, nsfw_flags=flags, seconds=seconds)
+        return Rendered(images=images, nsfw_flags=flags, seconds=seconds,
+                        identity={"model": name, "weights_sha256": pipe.weights_sha256})
 
     def _refine(self, images: list[Any], prompts: Sequence[str], seeds: Sequence[int], refine: dict[str, Any],
                 fixed: int | None) -> tuple[list[Any], list[bool]]:

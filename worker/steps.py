@@ -173,7 +173,7 @@ class ImageSteps:
         result = model.generate([item.prompt for item, _, _ in jobs], [seed for _, _, seed in jobs],
                                 batch.generation_params, **options)
         pictures = logo.stamp(self.ctx, batch.generation_params, jobs, result.images)  # before QC and encoding
-        identity = self.identity(batch, name)
+        identity = result.identity or self.identity(batch, name)  # the runner says which model it ran
         extra = {**(model.refiner_identity() if batch.generation_params.refine_options else {}),
                  **logo.provenance(batch.generation_params)} or None
         for name, seconds in result.seconds.items():
