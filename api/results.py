@@ -133,7 +133,7 @@ def _rows_of(item: Item, images: list[Image], filters: ResultFilter, namer: File
             decision=image.review_status, sha256=image.sha256, width=image.width, height=image.height,
             format=_format_of(image.storage_key), object_key=image.storage_key,
             file_name=namer.name(item, image),
-            url=object_url(image.storage_key, base_url) if base_url is not None else None,
+            url=object_url(image.storage_key, base_url) if base_url is not None else None, model=image.model_id,
         )
 
 

@@ -35,8 +35,12 @@ class SimulatedEngine:
         self.seconds_per_image = seconds_per_image
         self.passes = 0
 
-    def load(self) -> None:
+    def load(self, name: str | None = None) -> None:
         """Nothing to load."""
+
+    def identity(self, name: str | None = None) -> dict[str, str]:
+        """One simulated model, whatever the batch names."""
+        return {"model": self.model_id, "weights_sha256": self.weights_sha256}
 
     def free_cache(self) -> None:
         """No device memory to free."""

@@ -12,6 +12,7 @@
     instabatch keys create|revoke|list API keys
     instabatch teams limits|rotate-webhook-secret   a team's quotas and webhook secret
     instabatch audit ... / provenance  the audit trail; where an image came from
+    instabatch models                  the model registry: names a batch's params.model may use
     instabatch qc score FILES          QC verdicts for image files
     instabatch train tiny / eval tiny  the tiny model's recipe and its evaluation
     instabatch compare FILE --models a,b   the same prompts and seeds through each model: speed, QC, a pick
@@ -35,6 +36,7 @@ from cli.audit import audit_app, cli_actor
 from cli.brand import brand_app
 from cli.compare import compare
 from cli.credentials import credentials_app
+from cli.models import models
 from cli.provenance import provenance
 from cli.remote import batches_app
 from cli.remote import submit as submit_command
@@ -58,6 +60,7 @@ app.add_typer(brand_app, name="brand")
 app.add_typer(teams_app, name="teams")
 app.add_typer(credentials_app, name="credentials")
 app.command("provenance")(provenance)
+app.command("models")(models)
 app.command("submit")(submit_command)
 app.add_typer(batches_app, name="batches")
 app.command("status")(status)

@@ -46,6 +46,10 @@ class Settings(BaseSettings):
     # INSTABATCH_MODEL, when set, is the folder of the registry's default model.
     models_file: Path = Field(TINY_REGISTRY, alias="INSTABATCH_MODELS")
     model_path: Path = Field(TINY_MODEL_DIR, alias="INSTABATCH_MODEL")
+    # How many registry models one worker process keeps loaded (least recently used dropped past it):
+    # a count, not bytes: the registered models are one architecture loaded at one dtype, so each
+    # costs the same device memory (docs/models.md, "Registry", has the measured parameter bytes).
+    max_loaded_models: int = Field(2, alias="INSTABATCH_MAX_LOADED_MODELS", ge=1, le=64)
     refiner_path: Path = Field(TINY_REFINER_DIR, alias="INSTABATCH_REFINER")
     device: str | None = Field(None, alias="INSTABATCH_DEVICE")
     micro_batch: int = Field(16, alias="INSTABATCH_MICRO_BATCH", ge=1, le=1024)

@@ -62,6 +62,8 @@ MATRIX: list[Row] = [
     Row("POST", "/v1/batches/{batch_id}/cancel", SUBMIT_ONLY),
     Row("POST", "/v1/batches/{batch_id}/retry", SUBMIT_ONLY),
     Row("GET", "/v1/items/{item_id}", READ),
+    # The model registry: any key (no team's data in it).
+    Row("GET", "/v1/models", expect(200)),
     # Any key may verify a file; the matrix sends no upload, so a caller who passed auth gets 422.
     Row("POST", "/v1/verify", expect(422)),
     # The signed URL is the credential: an <img> tag sends no Authorization header.

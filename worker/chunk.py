@@ -153,12 +153,13 @@ class ChunkRunner:
         if not isolate:
             self.counted.update(item.id for item in items)
         self.report.claimed += len(items)
-        if items:
-            self.ctx.model.load()  # a model that cannot load is the worker's fault: raise, give back
         for batch_id in dict.fromkeys(item.batch_id for item in items):
             bind_ids(batch_id=batch_id)  # the logs of this batch's part of the chunk (core/logs.py)
             self.touched_batches.add(batch_id)
             batch = self.steps.batch(batch_id)
+            # The batch's model, before any item runs: one that cannot load is the worker's fault (raise,
+            # give back), not the items'.
+            self.ctx.model.load(batch.generation_params.model)
             allowed = self._screen(batch, [item for item in items if item.batch_id == batch_id])
             if not isolate:
                 self._generate_items(batch, allowed)
@@ -288,15 +289,18 @@ class ChunkRunner:
         self.report.seconds["ledger"] += elapsed
         metrics.observe_stage("ledger", elapsed)
         for image in recorded:
-            metrics.image_recorded(self.ctx.model.model_id, image.qc.verdict if image.qc is not None else "review")
+            verdict = image.qc.verdict if image.qc is not None else "review"
+            metrics.image_recorded(image.rendered.record["model"], verdict)
         metrics.sample_gpu_memory()
         self.steps.remember_hashes(batch, recorded)
 
     def _generated_payload(self, batch: BatchView, item: ClaimedItem, images: list[UploadedImage],
                            duration: float) -> dict[str, Any]:
-        model = self.ctx.model
+        # The model that made the item's images (their provenance), else the one the batch names.
+        model = ({key: images[0].rendered.record[key] for key in ("model", "weights_sha256")} if images
+                 else self.steps.identity(batch))
         payload = {
-            "model": model.model_id, "weights_sha256": model.weights_sha256, "code_version": code_version(),
+            **model, "code_version": code_version(),
             "prompt": item.prompt, "external_id": item.external_id, "seed": item.seed, "params": batch.params,
             "worker": self.worker, "task_id": self.task_id, "attempt": item.attempts,
             "duration_s": round(duration, 4), "sha256": [image.sha256 for image in images],

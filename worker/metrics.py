@@ -25,6 +25,8 @@ IMAGES = Counter("instabatch_images_total", "Images recorded, by model and QC ve
 # reason: engine, encode, blocked (screening), dead (out of attempts); oom_split counts split passes.
 ITEM_FAILURES = Counter("instabatch_item_failures_total", "Items failed, by reason", ["reason"])
 MODEL_LOAD_SECONDS = Gauge("instabatch_model_load_seconds", "Seconds the last model load took")
+# A registry model loaded again and again: INSTABATCH_MAX_LOADED_MODELS is smaller than the mix of batches needs.
+MODEL_LOADS = Counter("instabatch_model_loads_total", "Models loaded, by registry name", ["model"])
 
 _gpu_memory: Gauge | None = None  # registered on the first CUDA sample: absent on CPU workers
 _served: set[int] = set()
@@ -43,8 +45,9 @@ def item_failure(reason: str) -> None:
     ITEM_FAILURES.labels(reason=reason).inc()
 
 
-def model_loaded(seconds: float) -> None:
+def model_loaded(seconds: float, model: str) -> None:
     MODEL_LOAD_SECONDS.set(seconds)
+    MODEL_LOADS.labels(model=model).inc()
 
 
 def sample_gpu_memory() -> None:

@@ -136,15 +136,17 @@ class ImageSteps:
             self._known_hashes[batch_id] = HashIndex({int(phash, 16): image_id for phash, image_id in rows})
         return self._known_hashes[batch_id]
 
-    def render(self, batch: BatchView, jobs: list[Job]) -> list[RenderedImage]:
+    def render(self, batch: BatchView, jobs: list[Job], *, model: str | None = None) -> list[RenderedImage]:
         """generate, then encode."""
-        return self.encode(batch, self.generate(batch, jobs))
+        return self.encode(batch, self.generate(batch, jobs, model=model))
 
-    def generate(self, batch: BatchView, jobs: list[Job], *, pad: bool = True) -> list[GeneratedImage]:
-        """One forward pass for every job. Out of device memory, the pass is split in half (down to one
-        image), each half unpadded: padding back up would run out of memory again."""
+    def generate(self, batch: BatchView, jobs: list[Job], *, pad: bool = True,
+                 model: str | None = None) -> list[GeneratedImage]:
+        """One forward pass of one registry model (``model``, else the batch's ``params.model``) for every
+        job. Out of device memory, the pass is split in half (down to one image), each half unpadded:
+        padding back up would run out of memory again."""
         try:
-            return self._generate_once(batch, jobs, pad)
+            return self._generate_once(batch, jobs, pad, model)
         except SoftTimeLimitExceeded:
             raise
         except Exception as error:
@@ -155,15 +157,23 @@ class ImageSteps:
                         len(jobs) - half)
             metrics.item_failure("oom_split")
             self.ctx.model.free_cache()
-            return self.generate(batch, jobs[:half], pad=False) + self.generate(batch, jobs[half:], pad=False)
+            return (self.generate(batch, jobs[:half], pad=False, model=model)
+                    + self.generate(batch, jobs[half:], pad=False, model=model))
 
-    def _generate_once(self, batch: BatchView, jobs: list[Job], pad: bool) -> list[GeneratedImage]:
+    def identity(self, batch: BatchView, model: str | None = None) -> dict[str, str]:
+        """The registry name and weights sha256 of the model that runs for ``model`` (else the batch's
+        ``params.model``): what provenance, the image row and the audit event record."""
+        return self.ctx.model.identity(model if model is not None else batch.generation_params.model)
+
+    def _generate_once(self, batch: BatchView, jobs: list[Job], pad: bool, name: str | None) -> list[GeneratedImage]:
         model = self.ctx.model
-        unpadded = {} if pad else {"pad": False}  # engines that never split need not know the keyword
+        # Keywords only when they differ from the defaults: engines that never split (or serve one model,
+        # bench/sim.py) need not know them. Without ``model`` the runner runs ``params.model``.
+        options = {**({} if pad else {"pad": False}), **({} if name is None else {"model": name})}
         result = model.generate([item.prompt for item, _, _ in jobs], [seed for _, _, seed in jobs],
-                                batch.generation_params, **unpadded)
+                                batch.generation_params, **options)
         pictures = logo.stamp(self.ctx, batch.generation_params, jobs, result.images)  # before QC and encoding
-        identity = {"model": model.model_id, "weights_sha256": model.weights_sha256}
+        identity = result.identity or self.identity(batch, name)  # the runner says which model it ran
         extra = {**(model.refiner_identity() if batch.generation_params.refine_options else {}),
                  **logo.provenance(batch.generation_params)} or None
         for name, seconds in result.seconds.items():
@@ -288,12 +298,14 @@ class ImageSteps:
 
     def _image_row(self, batch: BatchView, image: UploadedImage, parent_image_id: str | None,
                    now: Any) -> dict[str, Any]:
-        model, outcome, rendered = self.ctx.model, image.qc, image.rendered
+        outcome, rendered = image.qc, image.rendered
         return {
             "id": image.id, "item_id": image.item.id, "batch_id": batch.id, "index": rendered.index,
             "seed": rendered.seed, "storage_key": image.key, "sha256": image.sha256,
-            "width": rendered.picture.width, "height": rendered.picture.height, "model_id": model.model_id,
-            "weights_sha256": model.weights_sha256, "refine": self.refine_record(batch),
+            "width": rendered.picture.width, "height": rendered.picture.height,
+            # the model that made this image, as its provenance records it (docs/models.md, "Registry")
+            "model_id": rendered.record["model"], "weights_sha256": rendered.record["weights_sha256"],
+            "refine": self.refine_record(batch),
             "timings": {name: round(value, 6) for name, value in rendered.timings.items()},
             "phash": outcome.to_dict()["phash"] if outcome is not None else None,
             "qc_verdict": outcome.verdict if outcome is not None else "review",  # QC failed: a human looks

@@ -15,7 +15,7 @@ from api.schemas.common import ResponseModel, UtcDatetime
 RESULT_COLUMNS = (
     "item_id", "seq", "external_id", "prompt", "seed", "state", "error", "image_id", "image_index",
     "parent_image_id", "verdict", "qc_reasons", "decision", "sha256", "width", "height", "format", "bytes",
-    "object_key", "file_name", "url",
+    "object_key", "file_name", "url", "model",
 )
 
 
@@ -43,6 +43,7 @@ class ResultRow(ResponseModel):
     object_key: str | None = None
     file_name: str | None = Field(None, description="the image's path in archive.zip and in a client download")
     url: str | None = Field(None, description="time-limited download URL (presigned S3, or signed /v1/objects)")
+    model: str | None = Field(None, description="the registry model that made the image (GET /v1/models)")
 
     def csv_cells(self) -> list[Any]:
         values = self.model_dump()
@@ -83,7 +84,7 @@ class DecisionRecord(ResponseModel):
 
 
 class ModelUse(ResponseModel):
-    model_id: str
+    model_id: str = Field(description="the registry model that ran (GET /v1/models; docs/models.md)")
     weights_sha256: str
     images: int
     refine: dict[str, Any] | None = Field(None, description="the refiner's record (model, weights sha256, ...)")
