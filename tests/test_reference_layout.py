@@ -18,24 +18,29 @@ from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionMod
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from core.settings import WEIGHTS_DIR
+from instaflow.compact import export_standard, is_compact
 from instaflow.pipeline import InstaFlowPipeline
 from instaflow.tiny.models import SCHEDULER_CONFIG
 
-SHIPPED = ["tiny-instaflow", "tiny-2rf"]
+SHIPPED = ["tiny-instaflow", "tiny-2rf", "tiny-teacher"]
 PROMPTS = ["a red mug on a white backdrop", "a blue chair on a dark grey backdrop"]
 SEEDS = [7, 1234]
 
 
-def reference_pipeline(folder) -> StableDiffusionPipeline:
+def declared_scheduler(folder):
     scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     scheduler_class = getattr(diffusers, scheduler_config["_class_name"])
+    return scheduler_class.from_pretrained(folder / "scheduler", local_files_only=True)
+
+
+def reference_pipeline(folder) -> StableDiffusionPipeline:
     fp32 = {"local_files_only": True, "torch_dtype": torch.float32}  # the weights are stored in fp16
     return StableDiffusionPipeline(
         vae=AutoencoderKL.from_pretrained(folder / "vae", **fp32),
         text_encoder=CLIPTextModel.from_pretrained(folder / "text_encoder", **fp32),
         tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True),
         unet=UNet2DConditionModel.from_pretrained(folder / "unet", **fp32),
-        scheduler=scheduler_class.from_pretrained(folder / "scheduler", local_files_only=True),
+        scheduler=declared_scheduler(folder),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
 
@@ -58,19 +63,22 @@ def reference_images(pipe: StableDiffusionPipeline, noise: torch.Tensor, steps: 
 @pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_scheduler_is_the_published_checkpoints_pndm_config(name):
     folder = WEIGHTS_DIR / name
-    pipe_scheduler = reference_pipeline(folder).scheduler
+    pipe_scheduler = declared_scheduler(folder)
     assert pipe_scheduler.init_noise_sigma == 1.0 and pipe_scheduler.order == 1
     assert json.loads((folder / "model_index.json").read_text())["scheduler"] == ["diffusers", "PNDMScheduler"]
     assert json.loads((folder / "scheduler" / "scheduler_config.json").read_text()) == SCHEDULER_CONFIG
 
 
-@pytest.mark.parametrize("name,steps", [("tiny-instaflow", 1), ("tiny-2rf", 4)])
-def test_reference_pipeline_reproduces_our_engine_on_the_shipped_weights(name, steps):
+@pytest.mark.parametrize("name,steps", [("tiny-instaflow", 1), ("tiny-2rf", 4), ("tiny-teacher", 25)])
+def test_reference_pipeline_reproduces_our_engine_on_the_shipped_weights(name, steps, tmp_path):
     folder = WEIGHTS_DIR / name
     ours = InstaFlowPipeline.from_pretrained(folder, device="cpu", dtype=torch.float32)
     expected = ours(PROMPTS, SEEDS, num_inference_steps=steps, output_type="np").images
     noise = ours.prepare_noise(SEEDS, *ours.native_size)
-    got = reference_images(reference_pipeline(folder), noise, steps)
+    # A compact checkpoint (int8 UNet, instaflow/compact.py) is exported to the plain layout first: the
+    # reference pipeline reads only that one.
+    standard = export_standard(folder, tmp_path / name) if is_compact(folder / "unet") else folder
+    got = reference_images(reference_pipeline(standard), noise, steps)
     assert got.shape == expected.shape
     assert np.abs(got - expected).max() < 1e-5
     assert (np.round(got * 255) == np.round(expected * 255)).all()
