@@ -22,14 +22,14 @@ import hashlib
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
-from instaflow.loading import REQUIRED_COMPONENTS, ModelNotFoundError, load_components, read_model_index
+from instaflow.loading import REQUIRED_COMPONENTS, ModelNotFoundError, read_model_index
 from instaflow.pipeline import InstaFlowPipeline
 from instaflow.tiny import flow
 from instaflow.training import StageRun, loss_summary, optimise, run_stages
@@ -187,9 +187,10 @@ def output_name(out: Path, which: str) -> str:
 
 
 def pair_plan(run: ReflowRun) -> tuple[list[int], list[int]]:
-    """(prompt index, seed) of every pair: each prompt pairs_per_prompt times, seeds never reused."""
+    """(prompt index, seed) of every pair: each prompt pairs_per_prompt times, seeds never reused. Round by
+    round over the prompts, so a pairs stage the budget cuts short still covers every prompt."""
     n = run.config.pairs_per_prompt
-    prompt_index = [p for p in range(len(run.prompts)) for _ in range(n)]
+    prompt_index = [p for _ in range(n) for p in range(len(run.prompts))]
     seeds = [run.config.seed * 1_000_000 + PAIR_SEED_BASE + k for k in range(len(prompt_index))]
     return prompt_index, seeds
 
@@ -351,4 +352,5 @@ def evaluate(teacher: Path, one_step: Path, prompts: Sequence[str], config: Refl
     return result
 
 
-__all__ = ["QUICK", "ReflowConfig", "ReflowError", "STAGES", "evaluate", "reflow", "replace", "save_checkpoint"]
+__all__ = ["QUICK", "ReflowConfig", "ReflowError", "STAGES", "check_size", "check_teacher", "evaluate", "reflow",
+           "save_checkpoint"]
