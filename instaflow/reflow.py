@@ -226,14 +226,20 @@ def _make_pairs(run: ReflowRun, stage: str, model_dir: Path, steps: int, guidanc
 
 
 def _load_pairs(run: ReflowRun, stage: str, pipe: InstaFlowPipeline) -> dict[str, torch.Tensor]:
-    """The stored pairs, on the run's device, with each pair's prompt embedding and the empty prompt's."""
+    """The stored pairs on the run's device, the prompts' embeddings (one per prompt, not per pair: a Stable
+    Diffusion text encoder's is 77 x 768 floats) and the empty prompt's."""
     pairs = torch.load(run.stages / stage / "pairs.pt")
     device = run.config.device
     with torch.no_grad():
-        prompt_embeds = pipe.encode_prompts(run.prompts).float()
+        prompt_embeds = torch.cat([pipe.encode_prompts(run.prompts[i : i + 256]).float()
+                                   for i in range(0, len(run.prompts), 256)])
         uncond = pipe.encode_prompts([""]).float()
     return {"z": pairs["z"].to(device), "x1": pairs["x1"].to(device),
-            "embeds": prompt_embeds[pairs["prompt_index"].to(device)], "uncond": uncond}
+            "prompt_index": pairs["prompt_index"].to(device), "prompt_embeds": prompt_embeds, "uncond": uncond}
+
+
+def _embeds(data: dict[str, torch.Tensor], idx: torch.Tensor) -> torch.Tensor:
+    return data["prompt_embeds"][data["prompt_index"][idx]]
 
 
 def _trainable_unet(pipe: InstaFlowPipeline) -> torch.nn.Module:
@@ -259,7 +265,7 @@ def stage_rf2(run: ReflowRun, seed: int) -> dict:
 
     def loss_fn(step: int) -> torch.Tensor:
         idx = torch.from_numpy(rng.integers(0, len(data["z"]), c.batch)).to(c.device)
-        embeds = data["embeds"][idx].clone()
+        embeds = _embeds(data, idx)
         embeds[(torch.rand(len(idx), generator=gen) < c.prompt_dropout).to(c.device)] = data["uncond"][0]
         t = torch.rand(len(idx), generator=gen).to(c.device)
         return flow.rf_loss(unet, data["x1"][idx], data["z"][idx], embeds, t)
@@ -284,7 +290,7 @@ def stage_distill(run: ReflowRun, seed: int) -> dict:
 
     def loss_fn(step: int) -> torch.Tensor:
         idx = torch.from_numpy(rng.integers(0, len(data["z"]), c.batch)).to(c.device)
-        return flow.one_step_loss(unet, data["x1"][idx], data["z"][idx], data["embeds"][idx])
+        return flow.one_step_loss(unet, data["x1"][idx], data["z"][idx], _embeds(data, idx))
 
     losses = optimise("distill", unet.parameters(), c.distill_steps, c.lr, loss_fn,
                       [(unet, flow.EMA(unet, c.ema_decay))], run.stage_budget_min("distill"), log=run.log,
