@@ -156,3 +156,23 @@ def test_the_reflowed_one_step_model_generates_through_the_worker(one_step_stack
         assert image.model_id == "quick-one-step" and image.weights_sha256 == expected_sha
         chunks = read_png_provenance(one_step_stack.store.get(image.storage_key))
         assert chunks["weights_sha256"] == expected_sha and chunks["model"] == "quick-one-step"
+
+
+def test_a_compact_teacher_gives_plain_complete_checkpoints(tmp_path: Path, prompts_file: Path):
+    """The shipped teachers store their UNet in int8 and link the shared parts (instaflow/compact.py): the
+    outputs must be standalone folders (parts copied, not linked) with a standard fp16 UNet."""
+    from instaflow.compact import is_compact, write_compact
+
+    teacher = write_compact(WEIGHTS_DIR / "tiny-2rf", tmp_path / "weights" / "compact-teacher",
+                            share_from=WEIGHTS_DIR / "tiny-instaflow")
+    assert is_compact(teacher / "unet") and (teacher / "vae").is_symlink()
+    out = tmp_path / "run"
+    result = train_reflow(out, prompts_file, "--no-eval", "--pairs-per-prompt", "1", teacher=teacher)
+    assert result.returncode == 0, result.stderr
+    for folder in (out / "2rf", out / "one-step"):
+        assert not is_compact(folder / "unet") and (folder / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+        for part in COPIED:
+            assert not (folder / part).is_symlink()
+            assert _files(folder / part) == _files(teacher / part)
+    pipe = InstaFlowPipeline.from_pretrained(out / "one-step", device="cpu")
+    assert pipe(["a blue ceramic mug"], [3], output_type="np").images.shape == (1, 64, 64, 3)
