@@ -16,6 +16,7 @@
     instabatch qc score FILES          QC verdicts for image files
     instabatch train tiny / eval tiny  the tiny model's recipe and its evaluation
     instabatch compare FILE --models a,b   the same prompts and seeds through each model: speed, QC, a pick
+    instabatch train reflow            InstaFlow's recipe from a local teacher on your own prompts (cli/train.py)
 
 Started from the same folder, ``serve``, ``worker`` and ``run`` share the embedded defaults in
 ``./var`` (SQLite ledger, SQLite broker, local object folder); environment variables point them
@@ -42,6 +43,7 @@ from cli.remote import batches_app
 from cli.remote import submit as submit_command
 from cli.status import status
 from cli.teams import teams_app
+from cli.train import reflow_command
 
 app = typer.Typer(help="InstaBatch: bulk product images with one-step InstaFlow generation.",
                   no_args_is_help=True, pretty_exceptions_show_locals=False)
@@ -54,6 +56,7 @@ app.add_typer(db_app, name="db")
 app.add_typer(keys_app, name="keys")
 app.add_typer(qc_app, name="qc")
 app.add_typer(train_app, name="train")
+train_app.command("reflow")(reflow_command)
 app.add_typer(eval_app, name="eval")
 app.add_typer(audit_app, name="audit")
 app.add_typer(brand_app, name="brand")

@@ -25,7 +25,7 @@ def rf_loss(unet, x1: torch.Tensor, z: torch.Tensor, embeds: torch.Tensor, t: to
 
 def one_step_loss(unet, x1: torch.Tensor, z: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
     """Distillation: one Euler step from t=0 (timestep 1000) must land on the target x1."""
-    t0 = torch.zeros(z.shape[0])
+    t0 = torch.zeros(z.shape[0], device=z.device)
     v = unet(z, unet_timestep(t0), encoder_hidden_states=embeds).sample
     return (z + v - x1).pow(2).mean()
 
@@ -40,7 +40,7 @@ def sample(
     guided = uncond is not None and guidance > 1.0
     cond = torch.cat([uncond.expand_as(embeds), embeds]) if guided else embeds
     for i in range(steps):
-        t = torch.full((x.shape[0],), i / steps)
+        t = torch.full((x.shape[0],), i / steps, device=x.device)
         inp = torch.cat([x, x]) if guided else x
         v = unet(inp, unet_timestep(torch.cat([t, t]) if guided else t), encoder_hidden_states=cond).sample
         if guided:

@@ -13,7 +13,6 @@ Seeded: stage k uses seed * 100 + k.
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import time
 from dataclasses import asdict, dataclass, replace
@@ -29,6 +28,7 @@ from instaflow.tiny.models import load_folder, make_unet, make_vae, n_params, sa
 from instaflow.tiny.prompts import TRAIN_COMBOS, caption_mentions, make_caption, random_attributes
 from instaflow.tiny.render import make_dataset
 from instaflow.tiny.text import load_tokenizer, save_tokenizer, text_encoder_config, tokenize
+from instaflow.training import StageRun, loss_summary, lr_factor, optimise, run_stages
 
 from instaflow.tiny import WEIGHTS_DIR  # noqa: E402
 PUBLISHED = {"tiny-instaflow": "tiny-instaflow", "tiny-2rf": "tiny-2rf", "judge": "judge"}
@@ -75,74 +75,25 @@ QUICK = Config(
 )
 
 
-class Run:
-    """A run folder: stage outputs, done markers and the log."""
+class Run(StageRun):
+    """A run folder of the tiny recipe: stage outputs, done markers, the log and the config."""
 
     def __init__(self, out: Path, config: Config, log: Callable[[str], None]):
-        self.out, self.config, self.log = out, config, log
-        self.stages = out / "stages"
-        self.stages.mkdir(parents=True, exist_ok=True)
-
-    def stage_dir(self, name: str) -> Path:
-        path = self.stages / name
-        path.mkdir(parents=True, exist_ok=True)
-        return path
-
-    def done(self, name: str) -> dict | None:
-        marker = self.stages / name / "done.json"
-        return json.loads(marker.read_text()) if marker.exists() else None
-
-    def mark_done(self, name: str, info: dict) -> None:
-        (self.stage_dir(name) / "done.json").write_text(json.dumps(info, indent=2))
+        super().__init__(out, log)
+        self.config = config
 
     @property
     def tokenizer_dir(self) -> Path:
         return self.stages / "vae" / "tokenizer"
 
 
-def _lr_factor(progress: float, warmup: float = 0.05) -> float:
-    """Linear warm-up, then cosine decay to 10% of the peak; `progress` runs from 0 to 1."""
-    if progress < warmup:
-        return (progress + 1e-3) / warmup
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (progress - warmup) / (1 - warmup))))
-
-
-def _loss_summary(losses: list[float]) -> dict:
-    k = max(1, len(losses) // 10)
-    return {"first": float(np.mean(losses[:k])), "last": float(np.mean(losses[-k:])), "n": len(losses)}
+# The shared helpers (instaflow/training.py) under the names this recipe has always used.
+_lr_factor, _loss_summary = lr_factor, loss_summary
 
 
 def _optimise(run: Run, name: str, params, iters: int, lr: float, loss_fn: Callable[[int], torch.Tensor],
               ema_pairs: list[tuple[torch.nn.Module, flow.EMA]], budget_min: float = 0.0) -> list[float]:
-    """AdamW for `iters` steps, or until `budget_min` minutes have passed (0: no limit).
-
-    The machine is shared, so a stage may get less CPU than planned: the schedule follows
-    whichever of steps and time runs out first, and the stage reports the steps it made.
-    """
-    opt = torch.optim.AdamW(params, lr, weight_decay=0.0)
-    budget_s = budget_min * 60 if budget_min > 0 else float("inf")
-    losses, start = [], time.time()
-    step = 0
-    while step < iters and time.time() - start < budget_s:
-        progress = max(step / iters, (time.time() - start) / budget_s)
-        for group in opt.param_groups:
-            group["lr"] = lr * _lr_factor(progress)
-        loss = loss_fn(step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        for module, ema in ema_pairs:
-            ema.update(module)
-        losses.append(float(loss.detach()))
-        if step % 50 == 0:
-            run.log(f"{name} step {step}/{iters} loss {np.mean(losses[-50:]):.4f} lr {opt.param_groups[0]['lr']:.2e} "
-                    f"({time.time() - start:.0f}s)")
-        step += 1
-    run.log(f"{name} stopped after {step}/{iters} steps, loss {np.mean(losses[-50:]):.4f} ({time.time() - start:.0f}s)")
-    for module, ema in ema_pairs:
-        ema.copy_to(module)
-    return losses
+    return optimise(name, params, iters, lr, loss_fn, ema_pairs, budget_min, log=run.log)
 
 
 # -- stages ------------------------------------------------------------------------------
@@ -384,18 +335,7 @@ def train(out: Path | str = "var/tiny-run", quick: bool = False, publish: bool =
     torch.set_num_threads(config.threads)
     run = Run(Path(out), config, log)
     (run.out / "config.json").write_text(json.dumps(asdict(config), indent=2))
-    summary = {}
-    for k, (name, fn) in enumerate(STAGES):
-        info = run.done(name)
-        if info is None:
-            log(f"== stage {name}")
-            torch.manual_seed(config.seed * 100 + k)
-            start = time.time()
-            info = fn(run, config.seed * 100 + k)
-            info["seconds"] = round(time.time() - start, 1)
-            run.mark_done(name, info)
-            log(f"== stage {name} done in {info['seconds']}s: {json.dumps(info)[:300]}")
-        summary[name] = info
+    summary = run_stages(run, STAGES, config.seed)
     (run.out / "summary.json").write_text(json.dumps(summary, indent=2))
     if publish:
         publish_weights(run.out)
