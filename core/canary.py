@@ -43,7 +43,11 @@ class CanaryError(ValueError):
 
 
 class CanaryConflict(CanaryError):
-    """The team already has an active canary (start), or has none (promote, roll back)."""
+    """The team already has an active canary (start)."""
+
+
+class NoActiveCanary(CanaryError):
+    """Promote or roll back with no active canary."""
 
 
 @dataclass(frozen=True)
@@ -136,7 +140,7 @@ def _ending(session: Session, team: str, verb: str) -> Canary:
     # FOR UPDATE: a promote and a rollback at once end the canary once.
     row = session.scalar(select(Canary).where(Canary.team == team, Canary.state == ACTIVE).with_for_update())
     if row is None:
-        raise CanaryConflict(f"team {team!r} has no active canary to {verb}", code="no_canary")
+        raise NoActiveCanary(f"team {team!r} has no active canary to {verb}", code="no_canary")
     return row
 
 

@@ -18,7 +18,7 @@ from core.keys import MAX_TEAM_CHARS
 
 router = APIRouter(prefix="/teams/{team}/canary", tags=["canary"])
 TeamPath = Annotated[str, Path(min_length=1, max_length=MAX_TEAM_CHARS, pattern=r"^[^\x00/]+$")]
-NO_CANARY = {409: "the team has no active canary"}
+NO_CANARY = {404: "the team has no active canary (or it is another team's)"}
 
 
 def team_canary(session: Session, team: str) -> TeamCanaryOut:
@@ -46,13 +46,13 @@ def start_canary(team: TeamPath, body: CanaryStart, session: SessionDep, princip
                                                         actor=principal.actor))
 
 
-@router.post("/promote", response_model=TeamCanaryOut, responses=error_responses(*KEYED, 409, meanings=NO_CANARY),
+@router.post("/promote", response_model=TeamCanaryOut, responses=error_responses(*KEYED, 404, meanings=NO_CANARY),
              summary="Promote the candidate to the team's default model and end the canary; audited")
 def promote_canary(team: TeamPath, session: SessionDep, principal: AdminDep) -> TeamCanaryOut:
     return _changed(session, team, lambda: canary.promote(session, team, actor=principal.actor))
 
 
-@router.post("/rollback", response_model=TeamCanaryOut, responses=error_responses(*KEYED, 409, meanings=NO_CANARY),
+@router.post("/rollback", response_model=TeamCanaryOut, responses=error_responses(*KEYED, 404, meanings=NO_CANARY),
              summary="End the canary: its queued items and later batches run the default model; audited")
 def rollback_canary(team: TeamPath, session: SessionDep, principal: AdminDep) -> TeamCanaryOut:
     return _changed(session, team, lambda: canary.rollback(session, team, actor=principal.actor))
@@ -63,6 +63,9 @@ def _changed(session: Session, team: str, change: Callable[[], object]) -> TeamC
     try:
         change()
         session.commit()
+    except canary.NoActiveCanary as exc:
+        session.rollback()
+        raise APIError(404, str(exc), code=exc.code) from None
     except canary.CanaryConflict as exc:
         session.rollback()
         raise APIError(409, str(exc), code=exc.code) from None
