@@ -20,8 +20,8 @@ from api.deps import media_type
 from api.errors import APIError, field_errors
 from api.intake import JSON_TYPES
 from api.schemas import BatchCreate
-from api.schemas.catalogue import BatchPreview, CatalogueBatchCreate, PreviewItem, RowProblemOut
 from api.schemas.canary import CanaryIn
+from api.schemas.catalogue import BatchPreview, CatalogueBatchCreate, PreviewItem, RowProblemOut
 from core import canary
 from core.brand import Branded, TeamRules, apply_rules, current_rules
 from core.catalogue import CatalogueError, CatalogueRow, Check, RowProblem, expand, json_rows, read_csv_rows

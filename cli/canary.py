@@ -24,9 +24,10 @@ def _migrated() -> None:
 
 
 def _print(status: dict[str, Any]) -> None:
+    ended = f", ended by {status['ended_by']}" if status["ended_by"] else ""
     typer.echo(f"canary {status['id']}\tteam {status['team']}\t{status['state']}\t{status['model']} on "
                f"{status['fraction']:g} of items (default {status['base_model']})\t{status['batches']} batches\t"
-               f"started by {status['started_by']}" + (f", ended by {status['ended_by']}" if status["ended_by"] else ""))
+               f"started by {status['started_by']}{ended}")
     if status["by_model"]:
         typer.echo("  model\timages\tpass\treview\treject\tpass_rate\treview_rate\treject_rate")
     for row in status["by_model"]:

@@ -15,9 +15,10 @@ Torch-free: the API and the CLI use it.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from pydantic import ValidationError
 from sqlalchemy import Select, func, select, update
@@ -81,7 +82,8 @@ def canaries(session: Session, team: str | None = None) -> list[Canary]:
 
 
 def check_candidate(model: str, base_model: str, fraction: float, max_fraction: float) -> str:
-    """The candidate's registry name; CanaryError when it is unknown, the base model, or the fraction is out of range."""
+    """The candidate's registry name; CanaryError when it is unknown or the base model, or the fraction
+    is out of range."""
     registry = get_registry()
     try:
         candidate = registry.resolve(model)

@@ -19,7 +19,8 @@ from models.tables import (
 )
 
 __all__ = [
-    "ApiKey", "AuditChainHead", "AuditEvent", "Base", "Batch", "BrandRules", "BatchStatus", "Canary", "Image", "ImagePhashBand",
+    "ApiKey", "AuditChainHead", "AuditEvent", "Base", "Batch", "BrandRules", "BatchStatus", "Canary", "Image",
+    "ImagePhashBand",
     "Item", "ItemState", "Outbox", "QcResult", "Review", "ReviewDecision", "Role", "TeamSettings", "Verdict",
     "WebhookDelivery", "utcnow",
 ]

@@ -18,6 +18,7 @@ from cli.main import app as cli
 from core import canary, ledger
 from core.audit.verify import verify_chain
 from core.db import get_engine, session_scope
+from core.dispatch import dispatch_pending
 from core.params import GenerationParams
 from core.registry import get_registry
 from models import AuditEvent, Image, Item, Outbox, utcnow
@@ -55,7 +56,7 @@ def events(action: str, team: str) -> list[AuditEvent]:
 # -- assignment ------------------------------------------------------------------------------
 
 def test_assignment_takes_exactly_the_rounded_fraction_and_is_deterministic():
-    for count in range(0, 41):
+    for count in range(41):
         for fraction in (0.05, 0.1, 0.25, 0.3, 0.5, 1.0):
             chosen = canary.assign("batch-a", count, fraction)
             expected = int((Decimal(str(fraction)) * count).quantize(Decimal(1), rounding=ROUND_HALF_UP))
@@ -79,7 +80,8 @@ def test_a_batch_canary_sends_exactly_its_fraction_in_chunks_of_one_model(harnes
     # The candidate's items run with its own steps and guidance; the rest of the params are the batch's.
     spec = get_registry().get(CANDIDATE)
     assert recorded["params"]["model"] == CANDIDATE
-    assert (recorded["params"]["num_inference_steps"], recorded["params"]["guidance_scale"]) == (spec.steps, spec.guidance)
+    candidate = recorded["params"]
+    assert (candidate["num_inference_steps"], candidate["guidance_scale"]) == (spec.steps, spec.guidance)
     assert batch["params"]["model"] == "default" and batch["params"]["num_inference_steps"] == 1
     with session_scope() as session:
         chunks = list(session.scalars(select(Outbox.item_ids).where(Outbox.batch_id == batch["id"])))
@@ -114,7 +116,8 @@ def test_steps_and_guidance_the_batch_chose_stay_with_the_candidate(harness: Api
         2, params=params, canary={"model": CANDIDATE, "fraction": 0.5}))
     assert response.status_code == 202, response.text
     candidate = response.json()["canary"]["params"]
-    assert (candidate["guidance_scale"], candidate["num_inference_steps"], candidate["negative_prompt"]) == (2.0, 2, "blurry")
+    kept = (candidate["guidance_scale"], candidate["num_inference_steps"], candidate["negative_prompt"])
+    assert kept == (2.0, 2, "blurry")
 
 
 # -- the team's canary: start, promote, roll back ----------------------------------------------
@@ -155,16 +158,20 @@ def test_start_rollback_and_promote_change_later_batches_and_are_audited(harness
     promoted = harness.submit(body=sample_batch(4, name="after promote"))
     spec = get_registry().get(CANDIDATE)
     assert promoted["params"]["model"] == CANDIDATE and promoted["canary"] is None
-    assert (promoted["params"]["num_inference_steps"], promoted["params"]["guidance_scale"]) == (spec.steps, spec.guidance)
+    params = promoted["params"]
+    assert (params["num_inference_steps"], params["guidance_scale"]) == (spec.steps, spec.guidance)
     assert harness.get("admin", url).json()["default_model"] == CANDIDATE
     assert runner.invoke(cli, ["canary", "rollback", team]).exit_code == 2  # nothing active
 
     actions = [(e.action, e.payload["model"], e.payload["base_model"], e.payload["fraction"])
                for e in events("canary.started", team) + events("canary.rolled_back", team)
                + events("canary.promoted", team)]
-    assert actions == [("canary.started", CANDIDATE, "instaflow", 0.5), ("canary.started", CANDIDATE, "instaflow", 0.3),
-                       ("canary.rolled_back", CANDIDATE, "instaflow", 0.5), ("canary.promoted", CANDIDATE, "instaflow", 0.3)]
-    assert [e.actor.split(":")[0] for e in events("canary.started", team)] == ["key", "cli"]  # who: the admin's key, the OS account
+    assert actions == [("canary.started", CANDIDATE, "instaflow", 0.5),
+                       ("canary.started", CANDIDATE, "instaflow", 0.3),
+                       ("canary.rolled_back", CANDIDATE, "instaflow", 0.5),
+                       ("canary.promoted", CANDIDATE, "instaflow", 0.3)]
+    # Who: the admin's API key, then the OS account of the CLI.
+    assert [e.actor.split(":")[0] for e in events("canary.started", team)] == ["key", "cli"]
     assert events("canary.rolled_back", team)[0].payload["queued_items_returned"] == 5
     assert events("canary.promoted", team)[0].payload["default_model"] == CANDIDATE
     result = verify_chain(get_engine())
@@ -236,8 +243,6 @@ def test_a_canary_batch_through_a_real_worker_makes_the_candidates_items_with_th
         batch, _ = ledger.submit_batch(session, spec, team="t", actor="test", chunk_images=4)
         session.commit()
     with running_worker(real):
-        from core.dispatch import dispatch_pending
-
         dispatch_pending(real.sessions, real.app)
         counts = real.wait_until_done(batch.id, timeout=600)
     assert counts["succeeded"] == 10

@@ -71,8 +71,8 @@ def _changed(session: Session, team: str, change: Callable[[], object]) -> TeamC
         raise APIError(409, str(exc), code=exc.code) from None
     except canary.CanaryError as exc:
         session.rollback()
-        raise APIError(422, "the canary is not valid", code=exc.code, details=[{
-            "field": f"body.{exc.field}", "loc": ["body", exc.field], "message": str(exc), "type": "value_error"}]) from None
+        detail = {"field": f"body.{exc.field}", "loc": ["body", exc.field], "message": str(exc), "type": "value_error"}
+        raise APIError(422, "the canary is not valid", code=exc.code, details=[detail]) from None
     except IntegrityError:
         session.rollback()
         raise APIError(409, f"team {team!r} started a canary at the same moment: read it and try again",
