@@ -15,6 +15,7 @@
     instabatch audit ... / provenance  the audit trail; where an image came from
     instabatch qc score FILES          QC verdicts for image files
     instabatch train tiny / eval tiny  the tiny model's recipe and its evaluation
+    instabatch compare FILE --models a,b   the same prompts and seeds through each model: speed, QC, a pick
 
 Started from the same folder, ``serve``, ``worker`` and ``run`` share the embedded defaults in
 ``./var`` (SQLite ledger, SQLite broker, local object folder); environment variables point them
@@ -34,6 +35,7 @@ from rich.console import Console
 from cli.audit import audit_app, cli_actor
 from cli.brand import brand_app
 from cli.canary import canary_app
+from cli.compare import compare
 from cli.credentials import credentials_app
 from cli.provenance import provenance
 from cli.remote import batches_app
@@ -62,6 +64,7 @@ app.command("provenance")(provenance)
 app.command("submit")(submit_command)
 app.add_typer(batches_app, name="batches")
 app.command("status")(status)
+app.command("compare")(compare)
 
 console = Console()
 PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}

@@ -20,6 +20,8 @@ WEIGHTS_DIR = REPO_ROOT / "instaflow" / "weights"
 TINY_MODEL_DIR = WEIGHTS_DIR / "tiny-instaflow"
 TINY_REFINER_DIR = WEIGHTS_DIR / "tiny-2rf"
 TINY_JUDGE_DIR = WEIGHTS_DIR / "judge"
+TINY_TEACHER_DIR = WEIGHTS_DIR / "tiny-teacher"  # the 1-RF teacher (instaflow/tiny/rederive.py)
+TINY_DIRECT_DIR = WEIGHTS_DIR / "tiny-direct"  # the teacher distilled straight into one step (the ablation)
 TINY_REGISTRY = WEIGHTS_DIR / "models.toml"
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,8 +112,13 @@ def load_components(
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    from instaflow.compact import load_unet
+
     def load_model(cls: Any, name: str) -> Any:
-        model = cls.from_pretrained(folder / name, dtype=dtype, local_files_only=True)
+        if cls is UNet2DConditionModel:  # a shipped non-default model stores its UNet in int8 (instaflow/compact.py)
+            model = load_unet(folder / name, dtype)
+        else:
+            model = cls.from_pretrained(folder / name, dtype=dtype, local_files_only=True)
         if device.type != "cpu":  # from_pretrained loads on the CPU
             model = model.to(device)
         return model.eval().requires_grad_(False)
@@ -172,10 +178,16 @@ def weights_fingerprint(path: str | Path) -> str:
 
 def _hash_weight_files(folder: Path) -> str:
     digest = hashlib.sha256()
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
+    files = sorted(p for p in _walk_files(folder) if p.name.endswith(WEIGHT_SUFFIXES))
     for file in files:
         digest.update(file.relative_to(folder).as_posix().encode() + b"\0")
         with file.open("rb") as handle:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)
     return digest.hexdigest()
+
+
+def _walk_files(folder: Path) -> list[Path]:
+    """Every file under `folder`, following symlinked folders (the parts a compact checkpoint shares
+    with the default model, instaflow/compact.py), which Path.rglob does not enter."""
+    return [Path(root) / name for root, _, names in os.walk(folder, followlinks=True) for name in names]

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from core.settings import TINY_DIRECT_DIR, TINY_TEACHER_DIR
 from instaflow.tiny import DEFAULT_2RF_DIR, DEFAULT_JUDGE_DIR, DEFAULT_MODEL_DIR
 from instaflow.tiny.judge import AttributeJudge
 from instaflow.tiny.prompts import ATTRIBUTES, PLACEMENTS, SIZES, Attributes, held_out_prompts
@@ -118,16 +119,18 @@ def evaluate(quick: bool = False, run_dir: Path | None = None, model_dir: Path |
 
     torch.set_num_threads(threads)
     run_dir = Path(run_dir or "var/tiny-run")
+    teacher_dir = _run_or_shipped(run_dir / "teacher", TINY_TEACHER_DIR)
+    direct_dir = _run_or_shipped(run_dir / "direct-distill", TINY_DIRECT_DIR)
     model_dir, rf2_dir = Path(model_dir or DEFAULT_MODEL_DIR), Path(rf2_dir or DEFAULT_2RF_DIR)
     judge = AttributeJudge.load(judge_dir or DEFAULT_JUDGE_DIR)
     g = teacher_guidance or _teacher_guidance(run_dir)
     rows = [
-        Row(f"teacher 1-RF, 25 steps (CFG {g:g})", "teacher 25", run_dir / "teacher", 25, g),
-        Row(f"teacher 1-RF, 1 step (CFG {g:g})", "teacher 1", run_dir / "teacher", 1, g),
+        Row(f"teacher 1-RF, 25 steps (CFG {g:g})", "teacher 25", teacher_dir, 25, g),
+        Row(f"teacher 1-RF, 1 step (CFG {g:g})", "teacher 1", teacher_dir, 1, g),
         Row("2-RF, 1 step", "2-RF 1", rf2_dir, 1, 1.0),
         Row("2-RF, 4 steps", "2-RF 4", rf2_dir, 4, 1.0),
         Row("reflow + distill, 1 step (InstaFlow)", "InstaFlow 1", model_dir, 1, 0.0),
-        Row("direct distill of 1-RF, 1 step", "direct 1", run_dir / "direct-distill", 1, 0.0),
+        Row("direct distill of 1-RF, 1 step", "direct 1", direct_dir, 1, 0.0),
     ]
     prompts = eval_prompts(quick)[:max_prompts]
     texts = [p for p, _ in prompts]
@@ -175,6 +178,11 @@ def vae_reconstruct(model_dir: Path, pixels: np.ndarray) -> np.ndarray:
     x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     out = torch.cat([vae.decode(vae.encode(x[i : i + 64]).latent_dist.mean).sample for i in range(0, len(x), 64)])
     return ((out.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+
+
+def _run_or_shipped(in_run: Path, shipped: Path) -> Path:
+    """A training run's own model when there is one, else the shipped checkpoint."""
+    return in_run if (in_run / "model_index.json").exists() else shipped
 
 
 def _teacher_guidance(run_dir: Path) -> float:

@@ -114,12 +114,14 @@ def _save_copy(model, folder: Path, dtype: torch.dtype) -> None:
 
 def load_folder(folder: Path):
     """(unet, vae, text_encoder, tokenizer) in fp32 on the CPU, for training and evaluation."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import AutoencoderKL
     from transformers import CLIPTextModel, CLIPTokenizer
+
+    from instaflow.compact import load_unet
 
     kw = dict(torch_dtype=torch.float32, local_files_only=True)
     return (
-        UNet2DConditionModel.from_pretrained(folder / "unet", **kw),
+        load_unet(folder / "unet", torch.float32),
         AutoencoderKL.from_pretrained(folder / "vae", **kw),
         CLIPTextModel.from_pretrained(folder / "text_encoder", **kw),
         CLIPTokenizer.from_pretrained(str(folder / "tokenizer"), local_files_only=True),
