@@ -20,7 +20,9 @@ from api.deps import media_type
 from api.errors import APIError, field_errors
 from api.intake import JSON_TYPES
 from api.schemas import BatchCreate
+from api.schemas.canary import CanaryIn
 from api.schemas.catalogue import BatchPreview, CatalogueBatchCreate, PreviewItem, RowProblemOut
+from core import canary
 from core.brand import Branded, TeamRules, apply_rules, current_rules
 from core.catalogue import CatalogueError, CatalogueRow, Check, RowProblem, expand, json_rows, read_csv_rows
 from core.ledger import BatchSpec, ItemSpec
@@ -44,6 +46,7 @@ class Plan:
     problems: list[RowProblem] = field(default_factory=list)
     rows: int | None = None
     variants_per_row: int | None = None
+    canary: dict[str, Any] | None = None  # core/canary.py, ``plan``
 
     @property
     def images(self) -> int:
@@ -51,7 +54,7 @@ class Plan:
 
     def to_spec(self) -> BatchSpec:
         return BatchSpec(name=self.name, items=self.items, params=self.branded.params.model_dump(mode="json"),
-                         priority=self.priority, webhook_url=self.webhook_url)
+                         priority=self.priority, webhook_url=self.webhook_url, canary=self.canary)
 
 
 # -- parsing -------------------------------------------------------------------------------
@@ -86,8 +89,23 @@ def plan_request(session: Session, team: str, request: BatchRequest) -> Plan:
     """The request under the team's current brand rules: never raises for a row's problem."""
     rules = current_rules(session, team)
     if isinstance(request, CatalogueBatchCreate):
-        return plan_catalogue(request, rules)
-    return plan_items(request, rules)
+        return with_canary(session, team, plan_catalogue(request, rules), None)
+    return with_canary(session, team, plan_items(request, rules), request.canary)
+
+
+def with_canary(session: Session, team: str, plan: Plan, requested: CanaryIn | None) -> Plan:
+    """The team's default model for params that name none, and the canary the items are split by:
+    the request's, else the team's (core/canary.py). A request's canary that cannot be is a 422."""
+    try:
+        planned = canary.plan(session, team, plan.branded.params,
+                              (requested.model, requested.fraction) if requested else None)
+    except canary.CanaryError as exc:
+        raise APIError(422, "the batch is not valid", code="bad_canary", details=[{
+            "field": f"body.canary.{exc.field}", "loc": ["body", "canary", exc.field], "message": str(exc),
+            "type": "value_error"}]) from None
+    plan.branded = Branded(planned.params, plan.branded.version, plan.branded.notes + planned.notes)
+    plan.canary = planned.canary
+    return plan
 
 
 def plan_items(request: BatchCreate, rules: TeamRules | None) -> Plan:

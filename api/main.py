@@ -16,7 +16,9 @@ from fastapi.openapi.utils import get_openapi
 from api.deps import db_permits
 from api.errors import install_error_handlers
 from api.middleware import BodySizeLimit, RequestContext, RequestMetrics
-from api.routes import audit, batches, brand, delivery, health, items, keys, models, objects, review, teams, verify
+from api.routes import (
+    audit, batches, brand, canary, delivery, health, items, keys, models, objects, review, teams, verify,
+)
 from api.schemas import BatchCreate
 from api.schemas.catalogue import CatalogueBatchCreate
 from core.logs import configure_logging
@@ -49,6 +51,7 @@ def create_app() -> FastAPI:
     app.include_router(brand.router, prefix=API_PREFIX)
     app.include_router(audit.router, prefix=API_PREFIX)
     app.include_router(teams.router, prefix=API_PREFIX)
+    app.include_router(canary.router, prefix=API_PREFIX)
     app.include_router(verify.router, prefix=API_PREFIX)
     app.include_router(models.router, prefix=API_PREFIX)
     app.include_router(review.router)  # /v1/review, /v1/images/{id}/review, contact sheets, the /review page

@@ -28,7 +28,7 @@ from api.schemas.review import Finding, QueueEntry
 from api.schemas.teams import DeliveryOut, DeliveryPage, LimitsOut, WebhookSettingsOut
 from api.schemas.verify import CredentialsOut
 from api.signing import object_url
-from core import ledger, quotas
+from core import canary, ledger, quotas
 from core.dispatch import in_flight
 from core.keys import Principal
 from core.review import review_counts
@@ -88,6 +88,8 @@ def batch_views(session: Session, batches: Sequence[Batch]) -> list[BatchOut]:
     statuses = {b.id: ledger.batch_status(b, counts[b.id]) for b in batches}
     ended = [b.id for b in batches if b.finished_at is None and statuses[b.id] in TERMINAL_STATUSES]
     last_finished = _last_finished(session, ended)
+    # Only a canary batch runs two models: the others skip the per-model query.
+    by_model = canary.compare_batches(session, [b.id for b in batches if b.canary])
     return [
         BatchOut.model_validate({
             **{column: getattr(b, column) for column in BATCH_COLUMNS},
@@ -96,6 +98,7 @@ def batch_views(session: Session, batches: Sequence[Batch]) -> list[BatchOut]:
             "progress": progress_of(counts[b.id]),
             "review": reviews[b.id],
             "finished_at": b.finished_at or last_finished.get(b.id),
+            "by_model": by_model.get(b.id),
         })
         for b in batches
     ]
@@ -103,7 +106,7 @@ def batch_views(session: Session, batches: Sequence[Batch]) -> list[BatchOut]:
 
 BATCH_COLUMNS = (
     "id", "name", "team", "priority", "params", "webhook_url", "idempotency_key", "submitted_by",
-    "total_items", "total_images", "created_at", "cancel_requested_at", "brand_rules_version",
+    "total_items", "total_images", "created_at", "cancel_requested_at", "brand_rules_version", "canary",
 )
 
 

@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 
 from api import queries
 from api.schemas.results import AuditRange, BatchReport, DecisionRecord, ModelUse, ReviewerDecisions
+from core import canary
 from core.audit.anchors import list_anchors
 from core.audit.verify import read_head
 from core.storage import ObjectStore
@@ -34,6 +35,7 @@ def batch_report(session: Session, store: ObjectStore, batch: Batch) -> BatchRep
         code_versions=_code_versions(session, batch.id), models=_models(session, batch.id),
         parameters=batch.params, counts=view.counts,
         verdicts={name: review[name] for name in ("pass", "review", "reject", "unchecked")},
+        verdicts_by_model=canary.compare(session, [batch.id]),
         decisions={name: review[name] for name in ("awaiting_review", "approved", "rejected", "regenerated")},
         reviewers=_reviewers(session, batch.id), decision_log=_decision_log(session, batch.id), audit=_audit_range(session, store, batch.id), generated_at=utcnow(),
     )

@@ -11,6 +11,7 @@
     instabatch status [--once]         live view: queues, workers, images/s, the newest batches
     instabatch keys create|revoke|list API keys
     instabatch teams limits|rotate-webhook-secret   a team's quotas and webhook secret
+    instabatch canary start|status|promote|rollback  a team's candidate model on a fraction of items
     instabatch audit ... / provenance  the audit trail; where an image came from
     instabatch models                  the model registry: names a batch's params.model may use
     instabatch qc score FILES          QC verdicts for image files
@@ -35,6 +36,7 @@ from rich.console import Console
 
 from cli.audit import audit_app, cli_actor
 from cli.brand import brand_app
+from cli.canary import canary_app
 from cli.compare import compare
 from cli.credentials import credentials_app
 from cli.models import models
@@ -61,6 +63,7 @@ app.add_typer(eval_app, name="eval")
 app.add_typer(audit_app, name="audit")
 app.add_typer(brand_app, name="brand")
 app.add_typer(teams_app, name="teams")
+app.add_typer(canary_app, name="canary")
 app.add_typer(credentials_app, name="credentials")
 app.command("provenance")(provenance)
 app.command("models")(models)

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from core import audit
 from core.broker import QUEUE_FOR_PRIORITY
+from core.canary import assign as assign_canary
 from core.params import MAX_SEED
 from models import Batch, BatchStatus, Item, ItemState, Outbox, QcResult, utcnow
 from models.base import new_id
@@ -48,6 +49,8 @@ class BatchSpec:
     params: dict[str, Any] = field(default_factory=dict)
     priority: str = "normal"
     webhook_url: str | None = None
+    # The canary the items are split by (core/canary.py, ``plan``): candidate model, fraction, its params.
+    canary: dict[str, Any] | None = None
 
     def fingerprint(self) -> str:
         """sha256 of the request's canonical JSON: what an Idempotency-Key is bound to."""
@@ -83,16 +86,20 @@ def submit_batch(
                 raise IdempotencyConflict(existing.id)
             return existing, False
 
+    batch_id = new_id()
+    candidates = set(assign_canary(batch_id, len(spec.items), spec.canary["fraction"])) if spec.canary else set()
+    canary = {**spec.canary, "items": len(candidates)} if spec.canary else None
     batch = Batch(
-        id=new_id(), name=spec.name, team=team, submitted_by=submitted_by, params=spec.params,
+        id=batch_id, name=spec.name, team=team, submitted_by=submitted_by, params=spec.params,
         priority=spec.priority, webhook_url=spec.webhook_url, idempotency_key=idempotency_key,
         request_sha256=fingerprint, total_items=len(spec.items),
         total_images=sum(i.num_images for i in spec.items), created_at=utcnow(),
-        brand_rules_version=brand_rules_version,
+        brand_rules_version=brand_rules_version, canary=canary,
     )
     session.add(batch)
     session.flush()
-    rows = [_item_row(batch.id, seq, item) for seq, item in enumerate(spec.items)]
+    rows = [_item_row(batch.id, seq, item, spec.canary["model"] if seq in candidates else None)
+            for seq, item in enumerate(spec.items)]
     if rows:
         session.execute(insert(Item), rows)
     enqueue_chunks(session, batch, rows, chunk_images)
@@ -103,17 +110,18 @@ def submit_batch(
             "items": len(rows), "images": batch.total_images, "items_sha256": spec.items_sha256(),
             "idempotency_key": idempotency_key, "request_sha256": fingerprint,
             "brand_rules_version": brand_rules_version,
+            **({"canary": {k: v for k, v in canary.items() if k != "params"}} if canary else {}),
         },
     )
     return batch, True
 
 
-def _item_row(batch_id: str, seq: int, item: ItemSpec) -> dict[str, Any]:
+def _item_row(batch_id: str, seq: int, item: ItemSpec, model: str | None = None) -> dict[str, Any]:
     seed = item.seed if item.seed is not None else secrets.randbelow(MAX_SEED)
     return {
         "id": new_id(), "batch_id": batch_id, "seq": seq, "external_id": item.external_id,
         "prompt": item.prompt, "seed": seed, "num_images": item.num_images,
-        "state": ItemState.QUEUED.value, "attempts": 0, "created_at": utcnow(),
+        "state": ItemState.QUEUED.value, "attempts": 0, "created_at": utcnow(), "model": model,
     }
 
 
@@ -136,9 +144,13 @@ def pack_by_images(entries: Iterable[T], limit: int, images: Callable[[T], int])
 
 
 def chunk_items(rows: Iterable[Mapping[str, Any]], chunk_images: int) -> list[list[str]]:
-    """Group item ids in order so that each chunk yields at most ``chunk_images`` images."""
-    return [[row["id"] for row in group]
-            for group in pack_by_images(rows, chunk_images, lambda row: row["num_images"])]
+    """Group item ids in order so that each chunk yields at most ``chunk_images`` images, and runs one
+    model: a canary's items (``model`` set) chunk apart from the batch's (core/canary.py)."""
+    by_model: dict[str | None, list[Mapping[str, Any]]] = {}
+    for row in rows:
+        by_model.setdefault(row.get("model"), []).append(row)
+    return [[row["id"] for row in group] for same_model in by_model.values()
+            for group in pack_by_images(same_model, chunk_images, lambda row: row["num_images"])]
 
 
 def enqueue_chunks(session: Session, batch: Batch, rows: Sequence[dict[str, Any]], chunk_images: int) -> int:
@@ -207,7 +219,7 @@ def retry_batch(session: Session, batch: Batch, *, actor: str, chunk_images: int
                     lease_expires_at=None, finished_at=None)
         )
         rows = session.execute(
-            select(Item.id, Item.num_images).where(Item.id.in_(retry_ids)).order_by(Item.seq)
+            select(Item.id, Item.num_images, Item.model).where(Item.id.in_(retry_ids)).order_by(Item.seq)
         ).mappings().all()
         enqueue_chunks(session, batch, rows, chunk_images)
     batch.cancel_requested_at = None if retry_ids else batch.cancel_requested_at
@@ -223,7 +235,7 @@ def requeue_unclaimed(session: Session, batch_id: str, *, chunk_images: int = 16
     a message the worker had taken but not yet claimed is gone. A copy of a message that does
     still exist costs one empty claim."""
     rows = session.execute(
-        select(Item.id, Item.num_images)
+        select(Item.id, Item.num_images, Item.model)
         .where(Item.batch_id == batch_id, Item.state == ItemState.QUEUED)
         .order_by(Item.seq)
     ).mappings().all()

@@ -7,6 +7,7 @@ from models.tables import (
     AuditEvent,
     Batch,
     BrandRules,
+    Canary,
     Image,
     ImagePhashBand,
     Item,
@@ -18,7 +19,8 @@ from models.tables import (
 )
 
 __all__ = [
-    "ApiKey", "AuditChainHead", "AuditEvent", "Base", "Batch", "BrandRules", "BatchStatus", "Image", "ImagePhashBand",
+    "ApiKey", "AuditChainHead", "AuditEvent", "Base", "Batch", "BrandRules", "BatchStatus", "Canary", "Image",
+    "ImagePhashBand",
     "Item", "ItemState", "Outbox", "QcResult", "Review", "ReviewDecision", "Role", "TeamSettings", "Verdict",
     "WebhookDelivery", "utcnow",
 ]

@@ -6,6 +6,7 @@ from typing import Any
 from sqlalchemy import (
     BigInteger,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -64,6 +65,8 @@ class Batch(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # The version of the team's brand rules the batch was made under (None: the team had none).
     brand_rules_version: Mapped[int | None] = mapped_column(Integer)
+    # The canary it was submitted under (core/canary.py): candidate model, fraction, the candidate's params.
+    canary: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
 
     items: Mapped[list["Item"]] = relationship(back_populates="batch", lazy="raise_on_sql")
 
@@ -84,6 +87,8 @@ class Item(Base):
     prompt: Mapped[str] = mapped_column(Text)
     seed: Mapped[int] = mapped_column(BigInteger)
     num_images: Mapped[int] = mapped_column(Integer, default=1)
+    # A canary's candidate model for this item (core/canary.py); None: the batch's params.model.
+    model: Mapped[str | None] = mapped_column(String(200))
     state: Mapped[str] = mapped_column(String(16), default=ItemState.QUEUED)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     lease_owner: Mapped[str | None] = mapped_column(String(200))
@@ -260,7 +265,30 @@ class TeamSettings(Base):
     # The secret before the last rotation still signs (a second signature) for a grace period.
     previous_webhook_secret: Mapped[str | None] = mapped_column(String(100))
     webhook_secret_rotated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The model the team's batches use when they name none (a promoted canary's candidate); None: the registry's.
+    default_model: Mapped[str | None] = mapped_column(String(200))
     updated_at: Mapped[datetime] = created_at()
+
+
+class Canary(Base):
+    """A team's canary: ``fraction`` of its batches' items go to the candidate ``model`` instead of
+    ``base_model`` until an admin promotes or rolls it back (core/canary.py, docs/models.md)."""
+    __tablename__ = "canaries"
+    __table_args__ = (
+        Index("ix_canaries_one_active_per_team", "team", unique=True,
+              postgresql_where=text("state = 'active'"), sqlite_where=text("state = 'active'")),
+    )
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    team: Mapped[str] = mapped_column(String(100), index=True)
+    model: Mapped[str] = mapped_column(String(200))
+    base_model: Mapped[str] = mapped_column(String(200))
+    fraction: Mapped[float] = mapped_column(Float)
+    state: Mapped[str] = mapped_column(String(16), default="active")
+    started_by: Mapped[str] = mapped_column(String(200))
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    ended_by: Mapped[str | None] = mapped_column(String(200))
+    ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class WebhookDelivery(Base):

@@ -97,6 +97,12 @@ MATRIX: list[Row] = [
     Row("POST", "/v1/teams/{team}/webhook/rotate-secret", SUBMIT_ONLY),
     Row("GET", "/v1/webhooks/deliveries", expect(403, submitter=200, other_team=200, admin=200)),
     Row("POST", "/v1/webhooks/deliveries/{delivery_id}/resend", SUBMIT_ONLY),
+    # Canary roll-out: read by whoever sees the team; admins start, promote and roll back (no canary
+    # is active in the fixture, so promote and rollback are 404 for them).
+    Row("GET", "/v1/teams/{team}/canary", READ),
+    Row("PUT", "/v1/teams/{team}/canary", expect(403, admin=200), body={"model": "2rf-4", "fraction": 0.1}),
+    Row("POST", "/v1/teams/{team}/canary/promote", expect(403, admin=404)),
+    Row("POST", "/v1/teams/{team}/canary/rollback", expect(403, admin=404)),
 ]
 
 

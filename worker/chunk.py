@@ -156,18 +156,20 @@ class ChunkRunner:
         for batch_id in dict.fromkeys(item.batch_id for item in items):
             bind_ids(batch_id=batch_id)  # the logs of this batch's part of the chunk (core/logs.py)
             self.touched_batches.add(batch_id)
-            batch = self.steps.batch(batch_id)
-            # The batch's model, before any item runs: one that cannot load is the worker's fault (raise,
-            # give back), not the items'.
-            self.ctx.model.load(batch.generation_params.model)
-            allowed = self._screen(batch, [item for item in items if item.batch_id == batch_id])
-            if not isolate:
-                self._generate_items(batch, allowed)
-                continue
-            for item in allowed:
-                counted = self._count_attempt(item)
-                if counted is not None:
-                    self._generate_items(batch, [counted])
+            allowed = self._screen(self.steps.batch(batch_id), [item for item in items if item.batch_id == batch_id])
+            # One model per micro-batch: a canary's items run apart, with their model's params (core/canary.py).
+            for model in dict.fromkeys(item.model for item in allowed):
+                batch, same_model = self.steps.batch(batch_id, model), [i for i in allowed if i.model == model]
+                # The model, before any item runs: one that cannot load is the worker's fault (raise, give
+                # back), not the items'.
+                self.ctx.model.load(batch.generation_params.model)
+                if not isolate:
+                    self._generate_items(batch, same_model)
+                    continue
+                for item in same_model:
+                    counted = self._count_attempt(item)
+                    if counted is not None:
+                        self._generate_items(batch, [counted])
 
     def _count_attempt(self, item: ClaimedItem) -> ClaimedItem | None:
         attempts = self.ctx.in_ledger(lambda session: leases.count_attempt(session, item.id, owner=self.owner),

@@ -46,6 +46,7 @@ class ClaimedItem:
     seed: int
     num_images: int
     attempts: int
+    model: str | None = None  # a canary's candidate (items.model); None: the batch's params.model
 
 
 @dataclass(frozen=True)
@@ -148,7 +149,7 @@ def claim(session: Session, item_ids: Sequence[str], *, owner: str, lease_second
                 lease_expires_at=now + timedelta(seconds=lease_seconds),
                 started_at=func.coalesce(Item.started_at, now), error=None)
         .returning(Item.id, Item.batch_id, Item.seq, Item.external_id, Item.prompt, Item.seed,
-                   Item.num_images, Item.attempts)
+                   Item.num_images, Item.attempts, Item.model)
         .execution_options(**NO_SYNC)
     ).all()
     return sorted((ClaimedItem(*row) for row in rows), key=lambda item: (item.batch_id, item.seq))

@@ -44,7 +44,7 @@ def regenerate_image(ctx: WorkerContext, parent_image_id: str, seed: int, task_i
     if job is None:
         return {"status": status, "parent_image_id": parent_image_id}
     steps = ImageSteps(ctx, actor=f"worker:{worker_identity()}")
-    batch = steps.batch(job.parent.batch_id)
+    batch = steps.batch(job.parent.batch_id, job.item.model)  # a canary item's image: its own model
     rendered = steps.render(batch, [(job.item, job.parent.index, job.request.seed)])[0]
     key = regenerated_key(job.parent.storage_key, job.request.new_image_id, batch.encoding.extension)
     stored = steps.upload(rendered, key, image_id=job.request.new_image_id,
@@ -74,7 +74,8 @@ def _job(ctx: WorkerContext, parent_image_id: str, seed: int) -> tuple[Job | Non
         parent = session.get(Image, parent_image_id)
         row = session.get(Item, parent.item_id)
         item = ClaimedItem(id=row.id, batch_id=row.batch_id, seq=row.seq, external_id=row.external_id,
-                           prompt=row.prompt, seed=row.seed, num_images=1, attempts=row.attempts)
+                           prompt=row.prompt, seed=row.seed, num_images=1, attempts=row.attempts,
+                           model=row.model)
         session.expunge(parent)
     return Job(request, parent, item), "ready"
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
@@ -25,6 +25,7 @@ from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
 from core import webhooks
+from core.canary import item_params
 from core.params import GenerationParams
 from core.provenance import CONTENT_TYPES, Encoding
 from models import AuditEvent, Batch, Image, ImagePhashBand, QcResult, Verdict, utcnow
@@ -52,6 +53,7 @@ class BatchView:
     encoding: Encoding = field(default_factory=Encoding)
     team: str | None = None
     submitted_hash: str | None = None  # the batch.submitted audit event's, linked from each manifest
+    canary: dict[str, Any] | None = None  # batches.canary: the candidate's params (core/canary.py)
 
 
 @dataclass
@@ -103,25 +105,33 @@ class ImageSteps:
         self.ctx = ctx
         self.actor = actor
         self.seconds: dict[str, float] = defaultdict(float)
-        self._batches: dict[str, BatchView] = {}
+        self._batches: dict[str | tuple[str, str], BatchView] = {}  # by id, and (id, model) for canary items
         self._known_hashes: dict[str, HashIndex] = {}  # only with a duplicate threshold past the bands
 
-    def batch(self, batch_id: str) -> BatchView:
-        """The batch's params, read once per task."""
+    def batch(self, batch_id: str, model: str | None = None) -> BatchView:
+        """The batch's params, read once per task; with ``model`` (an item's ``items.model``), the params
+        that model runs the batch with (the canary's, core/canary.py), so ``params.model`` names it."""
         if batch_id not in self._batches:
             def read(session: Session) -> Any:
-                return session.execute(select(Batch.params, Batch.team, AuditEvent.hash).outerjoin(
+                return session.execute(select(Batch.params, Batch.team, AuditEvent.hash, Batch.canary).outerjoin(
                     AuditEvent, (AuditEvent.batch_id == Batch.id) & (AuditEvent.action == "batch.submitted"))
                     .where(Batch.id == batch_id).limit(1)).first()
 
             row = self.ctx.in_ledger(read, what="reading the batch")
-            params, team, submitted_hash = row if row is not None else ({}, None, None)
+            params, team, submitted_hash, canary = row if row is not None else ({}, None, None, None)
             params = params or {}
             generation = GenerationParams.from_batch(params)
             encoding = Encoding(generation.output.format, generation.output.quality,
                                 self.ctx.settings.png_compress_level)
-            self._batches[batch_id] = BatchView(batch_id, params, generation, encoding, team, submitted_hash)
-        return self._batches[batch_id]
+            self._batches[batch_id] = BatchView(batch_id, params, generation, encoding, team, submitted_hash, canary)
+        view = self._batches[batch_id]
+        if model is None:
+            return view
+        if (batch_id, model) not in self._batches:
+            params = item_params(view.params, view.canary, model)
+            self._batches[(batch_id, model)] = replace(view, params=params,
+                                                       generation_params=GenerationParams.from_batch(params))
+        return self._batches[(batch_id, model)]
 
     def known_hashes(self, batch_id: str) -> HashIndex:
         """The batch's recorded pHashes for the duplicate check: an indexed query per image

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BeforeValidator, Field, field_validator
 
+from api.schemas.canary import CanaryIn, ModelVerdicts
 from api.schemas.common import (
     NON_BLANK,
     NonBlankText,
@@ -93,6 +94,8 @@ class BatchCreate(RequestModel):
     params: RequestedParams = Field(default_factory=GenerationParams)
     priority: Priority = "normal"
     webhook_url: WebhookUrl | None = Field(None, max_length=MAX_URL_CHARS, description="http or https URL")
+    canary: CanaryIn | None = Field(None, description="send a fraction of the items to a candidate model, to "
+                                    "compare QC verdicts (docs/models.md); default: the team's canary, if any")
 
     @field_validator("name")
     @classmethod
@@ -139,6 +142,9 @@ class BatchOut(ResponseModel):
     total_items: int
     total_images: int
     brand_rules_version: int | None = Field(None, description="the team's brand rules it was made under")
+    canary: dict[str, Any] | None = Field(None, description="the canary its items were split by: candidate model, "
+                                          "fraction, items, source (team or request), the candidate's params")
+    by_model: list[ModelVerdicts] | None = Field(None, description="QC verdicts per model that ran (canary batches)")
     counts: dict[str, int] = Field(description="items per state")
     progress: float = Field(description="share of items in a final state, 0 to 1")
     review: ReviewCounts = Field(default_factory=ReviewCounts, description="images per QC verdict and review decision")

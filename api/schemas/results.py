@@ -9,6 +9,7 @@ from typing import Any
 from pydantic import Field
 
 from api.schemas.batches import BatchOut
+from api.schemas.canary import ModelVerdicts
 from api.schemas.common import ResponseModel, UtcDatetime
 
 # Columns of the CSV form, in order (the JSONL form has the same keys).
@@ -117,6 +118,8 @@ class BatchReport(ResponseModel):
     parameters: dict[str, Any]
     counts: dict[str, int]
     verdicts: dict[str, int]
+    verdicts_by_model: list[ModelVerdicts] = Field(default_factory=list,
+                                                   description="QC verdicts and rates per model that ran")
     decisions: dict[str, int]
     reviewers: list[ReviewerDecisions]
     decision_log: list[DecisionRecord] = Field(description="every review decision, oldest first")
