@@ -226,11 +226,8 @@ def test_the_batch_response_the_report_and_the_status_compare_verdicts_per_model
 
 
 def test_a_canary_batch_through_a_real_worker_makes_the_candidates_items_with_the_candidate(real: Stack):
-    """End to end: 10 items, a 0.3 canary to 2rf-4 ->
-    the 3 chosen items run with the candidate's params (this branch's worker change), and their images
-    are made by 2rf-4 (images.model_id), the 7 others' by the default model: that needs the runner to
-    load the model params.model names (worker/model_runner.py, merged separately); until then the
-    test ends as an expected failure there."""
+    """End to end: 10 items, a 0.3 canary to 2rf-4 -> the 3 chosen items run with the candidate's params
+    and their images are made by 2rf-4 (images.model_id), the 7 others' by the default model."""
     with real.sessions() as session:
         planned = canary.plan(session, "t", GenerationParams.model_validate({"width": 64, "height": 64}),
                               (CANDIDATE, 0.3))
