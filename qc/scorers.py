@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from qc.images import ImageView
+from qc.images import LUMA_WEIGHTS, ImageView, srgb_to_lab
 from qc.phash import HashIndex, phash_view
 from qc.results import phash_to_hex
 
@@ -110,6 +110,37 @@ class ContrastScorer(Scorer):
         return {"rms_contrast": float(view.luma.std())}
 
 
+class VisibilityScorer(Scorer):
+    """How far the product stands out from its backdrop, in Delta E (CIE76) on a ~64 px copy.
+
+    The backdrop is read from the image's own border: the median colour of the top rows (the
+    wall) and of the bottom rows (the table top, a shade darker in product shots). Every pixel's
+    distance to the nearer of the two is its contrast with the backdrop; ``subject_contrast`` is
+    the 99th percentile (the product's own colour, not one stray pixel), ``subject_area`` the share
+    of pixels more than ``AREA_DELTA_E`` from the backdrop, ``backdrop_luma`` the backdrop's luma.
+    Global RMS contrast (``contrast``) cannot see this: a small product is a few percent of the
+    pixels whatever its colour. docs/qc.md, "Subject visibility", has the figures.
+    """
+
+    name = "visibility"
+    version = "1"
+    border_rows = 2
+    AREA_DELTA_E = 10.0
+
+    def score_one(self, view: ImageView) -> Metrics:
+        rgb = view.small_rgb
+        rows = min(self.border_rows, max(1, rgb.shape[0] // 4))
+        lab = srgb_to_lab(rgb)
+        backdrops = [np.median(lab[:rows].reshape(-1, 3), axis=0), np.median(lab[-rows:].reshape(-1, 3), axis=0)]
+        distance = np.minimum(*(np.linalg.norm(lab - colour, axis=-1) for colour in backdrops))
+        backdrop_rgb = np.concatenate([rgb[:rows], rgb[-rows:]]).reshape(-1, 3).mean(axis=0)
+        return {
+            "subject_contrast": float(np.percentile(distance, 99)),
+            "subject_area": float((distance > self.AREA_DELTA_E).mean()),
+            "backdrop_luma": float(backdrop_rgb @ LUMA_WEIGHTS),
+        }
+
+
 def laplacian_variance(grey: np.ndarray) -> float:
     """Variance of the 4-neighbour Laplacian over the interior pixels."""
     lap = (
@@ -196,6 +227,7 @@ def default_pixel_scorers() -> list[Scorer]:
         BlankScorer(),
         ExposureScorer(),
         ContrastScorer(),
+        VisibilityScorer(),
         SharpnessScorer(),
         DuplicateScorer(),
     ]
