@@ -63,13 +63,22 @@ _SRGB_TO_LINEAR = np.array(
 )
 
 
+def lab_channels(rgb: np.ndarray) -> np.ndarray:
+    """CIE L*a*b* (D65) of ...x3 sRGB values in [0, 1], read in 1/255 steps, as 3 x pixels (L, a, b rows).
+    Euclidean distances in it (Delta E 1976) follow what a person sees far better than RGB distances;
+    2.3 is just noticeable."""
+    linear = _SRGB_TO_LINEAR[np.rint(rgb.reshape(-1, 3) * np.float32(255.0)).astype(np.uint8)]
+    xyz = np.ascontiguousarray(((_XYZ_D65 / _XYZ_WHITE[:, None]) @ linear.T))
+    f = np.cbrt(xyz)
+    dim = xyz <= 0.008856  # near-black: the linear segment of the L* curve
+    if dim.any():
+        f[dim] = xyz[dim] * np.float32(7.787) + np.float32(16 / 116)
+    return np.stack([116 * f[1] - 16, 500 * (f[0] - f[1]), 200 * (f[1] - f[2])])
+
+
 def srgb_to_lab(rgb: np.ndarray) -> np.ndarray:
-    """CIE L*a*b* (D65) of ...x3 sRGB values in [0, 1], read in 1/255 steps: Euclidean distances in
-    it (Delta E 1976) follow what a person sees far better than RGB distances; 2.3 is just noticeable."""
-    linear = _SRGB_TO_LINEAR[np.rint(rgb * np.float32(255.0)).astype(np.uint8)]
-    xyz = linear @ (_XYZ_D65 / _XYZ_WHITE[:, None]).T
-    f = np.where(xyz > 0.008856, np.cbrt(xyz), xyz * np.float32(7.787) + np.float32(16 / 116))
-    return np.stack([116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]), 200 * (f[..., 1] - f[..., 2])], axis=-1)
+    """:func:`lab_channels` in the input's shape (...x3)."""
+    return np.moveaxis(lab_channels(rgb), 0, -1).reshape(rgb.shape)
 
 
 class ImageView:
