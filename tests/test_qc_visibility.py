@@ -156,3 +156,28 @@ def test_unsure_on_dark_only_where_the_judge_reads_a_dark_backdrop():
     wrong = stored("dark grey", 0.3)
     wrong["results"][0]["metrics"]["attributes"]["colour"].update(seen="pink", p_seen=0.7)
     assert rejudge(wrong).reasons == ["wrong_color"]
+
+
+def test_evaluation_reports_accuracy_per_backdrop():
+    """instaflow/tiny/evaluate.py's per-backdrop block: renders of the held-out prompts, graded by the judge."""
+    from instaflow.tiny.evaluate import attribute_scores, eval_prompts, print_backdrop_table, reference_renders
+    from instaflow.tiny.judge import AttributeJudge
+    from instaflow.tiny.prompts import BACKDROPS
+
+    prompts = eval_prompts(quick=True)
+    renders = reference_renders(prompts, 1, seed=8)
+    scores = attribute_scores(AttributeJudge.load(), renders, prompts)
+    per_backdrop = scores["per_backdrop"]
+    assert set(per_backdrop) == set(BACKDROPS)
+    assert sum(row["n"] for row in per_backdrop.values()) == len(prompts)
+    weighted = sum(row["accuracy"] * row["n"] for row in per_backdrop.values()) / len(prompts)
+    assert weighted == pytest.approx(scores["accuracy"])
+    assert all(row["accuracy"] > 0.9 for row in per_backdrop.values())  # the judge reads renders right
+    # A wrong colour on every dark-grey prompt shows in that backdrop's row alone.
+    dark = [i for i, (_, want) in enumerate(prompts) if want["backdrop"] == "dark grey"]
+    recoloured = renders.copy()
+    recoloured[dark] = reference_renders([(p, {**w, "colour": "pink" if w["colour"] != "pink" else "blue"})
+                                          for p, w in (prompts[i] for i in dark)], 1, seed=9)
+    wrong = attribute_scores(AttributeJudge.load(), recoloured, prompts)["per_backdrop"]
+    assert wrong["dark grey"]["colour"] < 0.2 and wrong["white"]["colour"] > 0.9
+    print_backdrop_table({"renders": scores, "dark recoloured": {"per_backdrop": wrong}})
