@@ -176,7 +176,8 @@ def main() -> None:
     renders = {b: qc_records(pixels, captions) for b, (pixels, captions) in sets.items()}
     through_vae = {b: qc_records(vae_reconstruct(DEFAULT_MODEL_DIR, pixels), captions)
                    for b, (pixels, captions) in sets.items()}
-    generated_pixels = {b: generate(pipe, captions, 5000 + 1000 * i) for i, (b, (_, captions)) in enumerate(sets.items())}
+    generated_pixels = {b: generate(pipe, captions, 5000 + 1000 * i)
+                        for i, (b, (_, captions)) in enumerate(sets.items())}
     generated = {b: qc_records(generated_pixels[b], sets[b][1]) for b in sets}
     report_set("renders (correct products)", renders, dark)
     report_set("renders through the VAE", through_vae, dark)

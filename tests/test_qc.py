@@ -222,8 +222,8 @@ def test_rejudge_from_stored_metrics_follows_new_thresholds(checker):
     assert redone.verdict == "reject" and redone.reasons == ["blurry"]
     assert redone.result("sharpness").thresholds["sharpness_min"] == 1.0
 
-    lenient = QcSettings(ignore_reasons={"black", "blank"}, underexposed_mean_max=0.0, clipped_fraction_max=1.0, contrast_min=0.0,
-                         visibility_min=0.0)
+    lenient = QcSettings(ignore_reasons={"black", "blank"}, underexposed_mean_max=0.0, clipped_fraction_max=1.0,
+                         contrast_min=0.0, visibility_min=0.0)
     relaxed = rejudge(stored[1], lenient)
     assert "black" not in relaxed.reasons and relaxed.reasons == ["blurry"]
     assert relaxed.verdict == "review"

@@ -16,8 +16,8 @@ import pytest
 from PIL import Image
 
 from qc import QcSettings, QualityChecker, rejudge
-from qc.scorers import VisibilityScorer, ScoringBatch
 from qc.images import ImageView
+from qc.scorers import ScoringBatch, VisibilityScorer
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_CSV = REPO / "examples" / "products.csv"

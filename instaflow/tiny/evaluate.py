@@ -98,7 +98,8 @@ def backdrop_scores(predictions: list[dict], prompts: list[tuple[str, dict]]) ->
         if not picked:
             continue
         hits = {a: [pred[a]["label"] == want[a] for pred, want in picked] for a in COMBO_ATTRIBUTES}
-        all_right = [all(pred[a]["label"] == want[a] for a in ATTRIBUTES if want[a] is not None) for pred, want in picked]
+        all_right = [all(pred[a]["label"] == want[a] for a in ATTRIBUTES if want[a] is not None)
+                     for pred, want in picked]
         out[backdrop] = {"n": len(picked), "accuracy": float(np.mean([h for a in COMBO_ATTRIBUTES for h in hits[a]])),
                          "kind": float(np.mean(hits["kind"])), "colour": float(np.mean(hits["colour"])),
                          "all_correct": float(np.mean(all_right))}
