@@ -430,6 +430,12 @@ def explain(row: dict, reason: str) -> str:
         return f"~#{row.get('twin')} {dup.get('nearest_distance')}/{dup.get('nearest_colour_distance')}"
     if reason == "misaligned":
         return f"score {_metrics(row, 'attribute_alignment').get('score', 0):.2f}"
+    if reason == "unsure_on_dark":  # the least sure of kind and colour
+        graded = _metrics(row, "attribute_alignment").get("attributes", {})
+        attr = min((a for a in ("kind", "colour") if a in graded), key=lambda a: graded[a]["p_wanted"])
+        return f"{graded[attr]['wanted']} {graded[attr]['p_wanted']:.2f}"
+    if reason == "low_visibility":
+        return f"dE {_metrics(row, 'visibility').get('subject_contrast', 0):.1f}"
     return reason
 
 

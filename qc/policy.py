@@ -35,15 +35,22 @@ ATTRIBUTE_REASONS = {
 }
 # A mismatch the judge reads with p >= attribute_reject_prob gets this suffix (wrong_object_confident).
 CONFIDENT = "_confident"
-ALIGNMENT_REASONS = {"misaligned"} | {
+# On a dark backdrop the judge reads the requested kind and colour, but less surely than it reads
+# correct products (docs/qc.md, "Subject visibility"): the tiny model's smudges and blobs.
+UNSURE_ON_DARK = "unsure_on_dark"
+DARK_CHECKED_ATTRIBUTES = ("kind", "colour", "color")
+ALIGNMENT_REASONS = {"misaligned", UNSURE_ON_DARK} | {
     code + suffix for code in ATTRIBUTE_REASONS.values() for suffix in ("", CONFIDENT)
 }
-PIXEL_REASONS = {"black", "blank", "underexposed", "overexposed", "low_contrast", "blurry", "near_duplicate"}
+PIXEL_REASONS = {
+    "black", "blank", "underexposed", "overexposed", "low_contrast", "low_visibility", "blurry", "near_duplicate",
+}
 SUPERSEDES: dict[str, set[str]] = {
     "non_finite": PIXEL_REASONS | ALIGNMENT_REASONS,
     "black": (PIXEL_REASONS - {"black"}) | ALIGNMENT_REASONS,
     "blank": (PIXEL_REASONS - {"black", "blank"}) | ALIGNMENT_REASONS,
     "nsfw": {"black"},  # the safety checker blacked the image out because it flagged it
+    "low_contrast": {"low_visibility"},  # a flat image shows no product: the flatness is the telling reason
 }
 
 
@@ -92,6 +99,12 @@ def rule_contrast(m: Metrics, s: QcSettings) -> RuleOutput:
     }
 
 
+def rule_visibility(m: Metrics, s: QcSettings) -> RuleOutput:
+    return (["low_visibility"] if _below(m.get("subject_contrast"), s.visibility_min) else []), {
+        "visibility_min": s.visibility_min
+    }
+
+
 def rule_sharpness(m: Metrics, s: QcSettings) -> RuleOutput:
     # The threshold only means something at the size the metric was computed at.
     return (["blurry"] if _below(m.get("laplacian_ratio"), s.sharpness_min) else []), {
@@ -137,16 +150,26 @@ def attribute_reason(attr: str, graded: Metrics, s: QcSettings) -> str | None:
     return code + CONFIDENT if p_seen is not None and p_seen >= s.attribute_reject_prob else code
 
 
+def on_dark_backdrop(attributes: Metrics, s: QcSettings) -> bool:
+    """The judge reads the backdrop as one of ``dark_backdrops`` (only graded when the prompt names one)."""
+    return (attributes.get("backdrop") or {}).get("seen") in s.dark_backdrops
+
+
 def rule_attribute_alignment(m: Metrics, s: QcSettings) -> RuleOutput:
     thresholds = {"align_min_score": s.align_min_score, "attribute_min_prob": s.attribute_min_prob,
-                  "attribute_reject_prob": s.attribute_reject_prob}
+                  "attribute_reject_prob": s.attribute_reject_prob,
+                  "dark_attribute_min_prob": s.dark_attribute_min_prob, "dark_backdrops": sorted(s.dark_backdrops)}
     if not m.get("checked"):
         return [], thresholds
     reasons = ["misaligned"] if _below(m.get("score"), s.align_min_score) else []
-    for attr, graded in (m.get("attributes") or {}).items():
+    attributes = m.get("attributes") or {}
+    dark = on_dark_backdrop(attributes, s)
+    for attr, graded in attributes.items():
         reason = attribute_reason(attr, graded, s)
         if reason:
             reasons.append(reason)
+        elif dark and attr in DARK_CHECKED_ATTRIBUTES and _below(graded.get("p_wanted"), s.dark_attribute_min_prob):
+            reasons.append(UNSURE_ON_DARK)
     return reasons, thresholds
 
 
@@ -163,6 +186,7 @@ RULES: dict[str, Rule] = {
     "blank": rule_blank,
     "exposure": rule_exposure,
     "contrast": rule_contrast,
+    "visibility": rule_visibility,
     "sharpness": rule_sharpness,
     "duplicate": rule_duplicate,
     "pipeline_safety": rule_pipeline_safety,
@@ -184,6 +208,7 @@ CALIBRATED_THRESHOLDS: dict[str, tuple[str, str, str]] = {
     "underexposed_mean_max": ("exposure", "luma_mean", "low"),
     "overexposed_mean_min": ("exposure", "luma_mean", "high"),
     "contrast_min": ("contrast", "rms_contrast", "low"),
+    "visibility_min": ("visibility", "subject_contrast", "low"),
     "sharpness_min": ("sharpness", "laplacian_ratio", "low"),
     "align_min_score": ("attribute_alignment", "score", "low"),
     "clip_min_score": ("clip_alignment", "score", "low"),

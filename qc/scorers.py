@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from qc.images import ImageView
+from qc.images import LUMA_WEIGHTS, ImageView, lab_channels
 from qc.phash import HashIndex, phash_view
 from qc.results import phash_to_hex
 
@@ -110,6 +110,49 @@ class ContrastScorer(Scorer):
         return {"rms_contrast": float(view.luma.std())}
 
 
+class VisibilityScorer(Scorer):
+    """How far the product stands out from its backdrop, in Delta E (CIE76) on a ~64 px copy.
+
+    The backdrop is read from the image's own border: the median colour of the top rows (the
+    wall) and of the bottom rows (the table top, a shade darker in product shots). Every pixel's
+    distance to the nearer of the two is its contrast with the backdrop; ``subject_contrast`` is
+    the 99th percentile (the product's own colour, not one stray pixel), ``subject_area`` the share
+    of pixels more than ``AREA_DELTA_E`` from the backdrop, ``backdrop_luma`` the backdrop's luma.
+    Global RMS contrast (``contrast``) cannot see this: a small product is a few percent of the
+    pixels whatever its colour. docs/qc.md, "Subject visibility", has the figures.
+    """
+
+    name = "visibility"
+    version = "1"
+    border_rows = 2
+    AREA_DELTA_E = 10.0
+
+    def score_one(self, view: ImageView) -> Metrics:
+        rgb = view.small_rgb
+        rows = min(self.border_rows, max(1, rgb.shape[0] // 4))
+        lab = lab_channels(rgb)  # 3 x pixels, row-major: the first and last rows are the border
+        border = rows * rgb.shape[1]
+        squared = np.minimum(*(self._squared_distance(lab, self._median(lab[:, part]))
+                               for part in (slice(None, border), slice(-border, None))))
+        rank = min(squared.size - 1, int(0.99 * squared.size))  # the 99th percentile, without sorting all
+        backdrop_rgb = np.concatenate([rgb[:rows], rgb[-rows:]]).reshape(-1, 3).mean(axis=0)
+        return {
+            "subject_contrast": float(np.sqrt(np.partition(squared, rank)[rank])),
+            "subject_area": float((squared > self.AREA_DELTA_E**2).mean()),
+            "backdrop_luma": float(backdrop_rgb @ LUMA_WEIGHTS),
+        }
+
+    @staticmethod
+    def _median(colours: np.ndarray) -> np.ndarray:
+        """Per-channel median of 3 x N colours (np.median's overhead is most of its cost at this size)."""
+        return np.sort(colours, axis=1)[:, colours.shape[1] // 2]
+
+    @staticmethod
+    def _squared_distance(lab: np.ndarray, colour: np.ndarray) -> np.ndarray:
+        """Squared Delta E of every pixel (3 x N Lab) to one colour."""
+        return (lab[0] - colour[0]) ** 2 + (lab[1] - colour[1]) ** 2 + (lab[2] - colour[2]) ** 2
+
+
 def laplacian_variance(grey: np.ndarray) -> float:
     """Variance of the 4-neighbour Laplacian over the interior pixels."""
     lap = (
@@ -196,6 +239,7 @@ def default_pixel_scorers() -> list[Scorer]:
         BlankScorer(),
         ExposureScorer(),
         ContrastScorer(),
+        VisibilityScorer(),
         SharpnessScorer(),
         DuplicateScorer(),
     ]

@@ -64,6 +64,11 @@ class QcSettings(BaseSettings):
         0.90, description="under/overexposed: fraction of pixels clipped to 0 or 1 above this"
     )
     contrast_min: float = Field(0.012, description="low_contrast: RMS contrast (luma std) below this")
+    visibility_min: float = Field(
+        6.0,
+        description="low_visibility: the product's contrast with its backdrop (99th-percentile Delta E 1976 "
+        "from the border's colours) below this; correct renders on every backdrop read 8.5 or more",
+    )
     sharpness_size: int = Field(
         256, description="side of the square-area grey image the Laplacian is computed on"
     )
@@ -94,6 +99,14 @@ class QcSettings(BaseSettings):
     )
     attribute_reject_prob: float = Field(
         0.9, description="wrong_<attribute>_confident: ... and reads the other value with at least this probability"
+    )
+    dark_backdrops: set[str] = Field(
+        default_factory=lambda: {"dark grey"},
+        description="backdrop classes the judge reads on which the tiny model draws faint smudges and blobs",
+    )
+    dark_attribute_min_prob: float = Field(
+        0.97,
+        description="unsure_on_dark: on a dark backdrop the judge gives the requested kind or colour less than this",
     )
     clip_path: Path | None = Field(None, description="local CLIP folder (CLIPModel + processor)")
     clip_min_score: float = Field(

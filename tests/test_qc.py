@@ -206,7 +206,7 @@ def test_every_result_keeps_scorer_version_metrics_and_thresholds(checker):
     data = check_one(checker, product_image()).to_dict()
     assert json.loads(json.dumps(data, allow_nan=False)) == data
     names = [r["scorer"] for r in data["results"]]
-    assert names == ["finite", "black", "blank", "exposure", "contrast", "sharpness", "duplicate"]
+    assert names == ["finite", "black", "blank", "exposure", "contrast", "visibility", "sharpness", "duplicate"]
     sharpness = next(r for r in data["results"] if r["scorer"] == "sharpness")
     assert sharpness["version"] and sharpness["thresholds"]["sharpness_min"] == QcSettings().sharpness_min
     assert len(data["phash"]) == 64
@@ -222,7 +222,8 @@ def test_rejudge_from_stored_metrics_follows_new_thresholds(checker):
     assert redone.verdict == "reject" and redone.reasons == ["blurry"]
     assert redone.result("sharpness").thresholds["sharpness_min"] == 1.0
 
-    lenient = QcSettings(ignore_reasons={"black", "blank"}, underexposed_mean_max=0.0, clipped_fraction_max=1.0, contrast_min=0.0)
+    lenient = QcSettings(ignore_reasons={"black", "blank"}, underexposed_mean_max=0.0, clipped_fraction_max=1.0,
+                         contrast_min=0.0, visibility_min=0.0)
     relaxed = rejudge(stored[1], lenient)
     assert "black" not in relaxed.reasons and relaxed.reasons == ["blurry"]
     assert relaxed.verdict == "review"

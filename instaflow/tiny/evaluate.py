@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw
 from core.settings import TINY_DIRECT_DIR, TINY_TEACHER_DIR
 from instaflow.tiny import DEFAULT_2RF_DIR, DEFAULT_JUDGE_DIR, DEFAULT_MODEL_DIR
 from instaflow.tiny.judge import AttributeJudge
-from instaflow.tiny.prompts import ATTRIBUTES, PLACEMENTS, SIZES, Attributes, held_out_prompts
+from instaflow.tiny.prompts import ATTRIBUTES, BACKDROPS, PLACEMENTS, SIZES, Attributes, held_out_prompts
 from instaflow.tiny.render import render
 
 SEED_BASE = 10_000
@@ -85,7 +85,26 @@ def attribute_scores(judge: AttributeJudge, pixels: np.ndarray, prompts: list[tu
     per_attr = {a: float(np.mean([p[a]["label"] == w[a] for p, (_, w) in zip(predictions, prompts)
                                   if w[a] is not None] or [np.nan])) for a in ATTRIBUTES}
     return {"accuracy": float(np.mean(combo_hits)), "asked_accuracy": float(np.mean(asked_hits)),
-            "all_correct": float(np.mean(all_right)), "per_attribute": per_attr}
+            "all_correct": float(np.mean(all_right)), "per_attribute": per_attr,
+            "per_backdrop": backdrop_scores(predictions, prompts)}
+
+
+def backdrop_scores(predictions: list[dict], prompts: list[tuple[str, dict]]) -> dict[str, dict]:
+    """Per requested backdrop: `n` prompts, `accuracy` (mean over kind/colour/backdrop, as `accuracy`),
+    `kind`, `colour`, and `all_correct` (every named attribute right). The tiny model is weakest on
+    dark grey (docs/qc.md, "Subject visibility"); the overall mean hides it."""
+    out = {}
+    for backdrop in BACKDROPS:
+        picked = [(pred, want) for pred, (_, want) in zip(predictions, prompts) if want["backdrop"] == backdrop]
+        if not picked:
+            continue
+        hits = {a: [pred[a]["label"] == want[a] for pred, want in picked] for a in COMBO_ATTRIBUTES}
+        all_right = [all(pred[a]["label"] == want[a] for a in ATTRIBUTES if want[a] is not None)
+                     for pred, want in picked]
+        out[backdrop] = {"n": len(picked), "accuracy": float(np.mean([h for a in COMBO_ATTRIBUTES for h in hits[a]])),
+                         "kind": float(np.mean(hits["kind"])), "colour": float(np.mean(hits["colour"])),
+                         "all_correct": float(np.mean(all_right))}
+    return out
 
 
 def generate(pipe, prompts: list[str], steps: int, guidance: float, batch: int = 32) -> np.ndarray:
@@ -158,6 +177,7 @@ def evaluate(quick: bool = False, run_dir: Path | None = None, model_dir: Path |
         samples[row.short] = pixels
         print(f"{row.label}: {_fmt(res)}", flush=True)
     print_table(results, len(prompts))
+    print_backdrop_table(results)
     result_line = make_result_line(results, rows)
     print(result_line)
     report = {"n_prompts": len(prompts), "rows": results, "result_line": result_line}
@@ -207,6 +227,22 @@ def print_table(results: dict, n: int) -> None:
         a = r["per_attribute"]
         print(f"| {label:40} | {r['accuracy']:.3f} | {a['kind']:.2f} | {a['colour']:6.2f} | {a['backdrop']:8.2f} "
               f"| {a['placement']:9.2f} | {a['size']:4.2f} | {r['all_correct']:9.3f} | {r['fd']:5.2f} | {ips:>9} |")
+
+
+def print_backdrop_table(results: dict) -> None:
+    """Accuracy (mean over kind/colour/backdrop) per requested backdrop, one row per model; cells read
+    `acc / all named` (the share of images with every named attribute right)."""
+    backdrops = [b for b in BACKDROPS if any(b in r.get("per_backdrop", {}) for r in results.values())]
+    counts = next((r["per_backdrop"] for r in results.values() if r.get("per_backdrop")), {})
+    print("\nPer backdrop (acc / all named; prompts per backdrop: "
+          + ", ".join(f"{b} {counts[b]['n']}" for b in backdrops if b in counts) + ")")
+    head = f"| {'model':40} | " + " | ".join(f"{b:>11}" for b in backdrops) + " |"
+    print(head)
+    print("|" + "|".join("-" * len(c) for c in head.split("|")[1:-1]) + "|")
+    for label, r in results.items():
+        cells = [r.get("per_backdrop", {}).get(b) for b in backdrops]
+        print(f"| {label:40} | " + " | ".join(f"{c['accuracy']:.2f} / {c['all_correct']:.2f}" if c else f"{'-':>11}"
+                                              for c in cells) + " |")
 
 
 def make_result_line(results: dict, rows: list[Row]) -> str:
