@@ -22,7 +22,7 @@ from instaflow.compact import export_standard, is_compact
 from instaflow.pipeline import InstaFlowPipeline
 from instaflow.tiny.models import SCHEDULER_CONFIG
 
-SHIPPED = ["tiny-instaflow", "tiny-2rf", "tiny-teacher"]
+SHIPPED = ["tiny-instaflow", "tiny-2rf", "tiny-teacher", "tiny-direct"]
 PROMPTS = ["a red mug on a white backdrop", "a blue chair on a dark grey backdrop"]
 SEEDS = [7, 1234]
 
@@ -69,7 +69,8 @@ def test_shipped_scheduler_is_the_published_checkpoints_pndm_config(name):
     assert json.loads((folder / "scheduler" / "scheduler_config.json").read_text()) == SCHEDULER_CONFIG
 
 
-@pytest.mark.parametrize("name,steps", [("tiny-instaflow", 1), ("tiny-2rf", 4), ("tiny-teacher", 25)])
+@pytest.mark.parametrize("name,steps", [("tiny-instaflow", 1), ("tiny-2rf", 4), ("tiny-teacher", 25),
+                                        ("tiny-direct", 1)])
 def test_reference_pipeline_reproduces_our_engine_on_the_shipped_weights(name, steps, tmp_path):
     folder = WEIGHTS_DIR / name
     ours = InstaFlowPipeline.from_pretrained(folder, device="cpu", dtype=torch.float32)
