@@ -187,8 +187,10 @@ def test_a_batch_naming_each_model_is_generated_by_it_and_its_provenance_says_so
     stack = build_stack(configure, DATABASE_URL=pg_url, BROKER_URL=redis_url, S3_BUCKET=s3_bucket,
                         S3_ENDPOINT_URL=s3_server)
     api = ApiHarness.start()
-    requested = {"instaflow": "instaflow", "2rf-4": "2rf-4", "default": "instaflow"}
-    recorded_before = {name: images_recorded(name) for name in ("instaflow", "2rf-4")}
+    registry = registry_for(stack.settings)
+    requested = {**{name: name for name in registry.names()}, "default": registry.default}
+    assert {"instaflow", "2rf-4", "teacher-25", "direct"} <= set(requested)
+    recorded_before = {name: images_recorded(name) for name in registry.names()}
     with running_worker(stack):
         batches = {name: api.submit(body=sample_batch(2, params={"model": name, "width": 64, "height": 64}))
                    for name in requested}
@@ -212,7 +214,7 @@ def test_a_batch_naming_each_model_is_generated_by_it_and_its_provenance_says_so
             checked = provenance_cli(path)  # the file, its chunks, the image row and the audit chain agree
             assert checked.exit_code == 0, checked.output
             assert f"  model: {ran}\n" in checked.stdout and "RESULT ledger=checked match=true" in checked.stdout
-            assert json.loads(fields["params"])["num_inference_steps"] == (4 if ran == "2rf-4" else 1)
+            assert json.loads(fields["params"])["num_inference_steps"] == registry.get(ran).steps
         for event in stack.events(batch_id, "item.generated"):
             assert event.payload["model"] == ran and event.payload["weights_sha256"] == images[0].weights_sha256
         weights[asked] = images[0].weights_sha256
@@ -221,12 +223,18 @@ def test_a_batch_naming_each_model_is_generated_by_it_and_its_provenance_says_so
         rows = [json.loads(line) for line in api.get("submitter", f"/v1/batches/{batch_id}/results").text.splitlines()]
         assert [row["model"] for row in rows] == [ran, ran]
 
-    assert weights["instaflow"] == weights["default"] != weights["2rf-4"]
+    assert weights["instaflow"] == weights["default"]
+    assert len({weights[name] for name in registry.names()}) == len(registry.names())  # one checkpoint each
     # The same prompts and seeds in each batch: the pixels show which model really ran.
     for number in range(2):
-        assert pixels["instaflow", number] == pixels["default", number] != pixels["2rf-4", number]
-    stored = stack.batch(batches["2rf-4"]["id"]).params
-    assert stored["model"] == "2rf-4" and stored["num_inference_steps"] == 4 and stored["guidance_scale"] == 1.0
+        assert pixels["instaflow", number] == pixels["default", number]
+        assert len({pixels[name, number] for name in registry.names()}) == len(registry.names())
+    for name in registry.names():
+        stored = stack.batch(batches[name]["id"]).params
+        spec = registry.get(name)
+        assert (stored["model"], stored["num_inference_steps"], stored["guidance_scale"]) == (
+            name, spec.steps, spec.guidance)
     assert stack.batch(batches["default"]["id"]).params["num_inference_steps"] == 1
     assert images_recorded("instaflow") - recorded_before["instaflow"] == 4  # the metrics name the model too
     assert images_recorded("2rf-4") - recorded_before["2rf-4"] == 2
+    assert images_recorded("teacher-25") - recorded_before["teacher-25"] == 2
