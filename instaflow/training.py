@@ -45,8 +45,8 @@ class StageRun:
         (self.stage_dir(name) / "done.json").write_text(json.dumps(info, indent=2))
 
 
-def run_stages(run: StageRun, stages: list[tuple[str, Stage]], seed: int) -> dict:
-    """Run (or skip, when done) each stage in order; stage k is seeded with seed * 100 + k.
+def run_stages(run: StageRun, stages: list[tuple[str, Stage]], seed: int, offset: int = 0) -> dict:
+    """Run (or skip, when done) each stage in order; stage k is seeded with seed * 100 + offset + k.
 
     Returns {stage: info}, each info with the stage's `seconds`, as its done.json records it.
     """
@@ -58,9 +58,9 @@ def run_stages(run: StageRun, stages: list[tuple[str, Stage]], seed: int) -> dic
                 run.log(f"== stage {name} was interrupted in an earlier run: starting it again")
             run.stage_dir(name)
             run.log(f"== stage {name}")
-            torch.manual_seed(seed * 100 + k)
+            torch.manual_seed(seed * 100 + offset + k)
             start = time.time()
-            info = fn(run, seed * 100 + k)
+            info = fn(run, seed * 100 + offset + k)
             info["seconds"] = round(time.time() - start, 1)
             run.mark_done(name, info)
             run.log(f"== stage {name} done in {info['seconds']}s: {json.dumps(info)[:300]}")

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -30,6 +29,7 @@ from instaflow import compact
 from instaflow.tiny import flow, recipe
 from instaflow.tiny.models import load_folder
 from instaflow.tiny.text import load_tokenizer, tokenize
+from instaflow.training import run_stages
 
 
 @dataclass(frozen=True)
@@ -104,18 +104,8 @@ def rederive(out: Path | str = "var/tiny-rederive", quick: bool = False, log: Ca
     torch.set_num_threads(config.threads)
     run = recipe.Run(Path(out), config, log)
     (run.out / "config.json").write_text(json.dumps(asdict(config), indent=2))
-    summary = {}
-    for k, (name, fn) in enumerate(STAGES):
-        info = run.done(name)
-        if info is None:
-            log(f"== stage {name}")
-            torch.manual_seed(config.seed * 100 + 50 + k)
-            start = time.time()
-            info = fn(run, config.seed * 100 + 50 + k)
-            info["seconds"] = round(time.time() - start, 1)
-            run.mark_done(name, info)
-            log(f"== stage {name} done in {info['seconds']}s: {json.dumps(info)[:300]}")
-        summary[name] = info
+    # Seeds 50 + k: apart from the recipe's stage seeds (0 + k), which drew the shipped models' data.
+    summary = run_stages(run, STAGES, config.seed, offset=50)
     (run.out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
