@@ -74,3 +74,21 @@ def test_parts_that_differ_are_not_shared(family, tmp_path):
     other = make_random_checkpoint(tmp_path / "other", seed=2)
     with pytest.raises(ValueError, match="cannot be shared"):
         write_compact(other, tmp_path / "out", share_from=default)
+
+
+def test_rederive_quick_publishes_compact_teacher_and_ablation_sharing_the_default_parts(tmp_path):
+    """instaflow/tiny/rederive.py at --quick scale, published into a copy of the shipped weights folder."""
+    from core.settings import WEIGHTS_DIR
+    from instaflow.tiny.rederive import rederive, publish
+
+    weights = tmp_path / "weights"
+    for name in ("tiny-instaflow", "tiny-2rf"):
+        shutil.copytree(WEIGHTS_DIR / name, weights / name, symlinks=True)
+    summary = rederive(tmp_path / "run", quick=True, log=lambda line: None)
+    assert set(summary) == {"shipped_parts", "data", "latents", "teacher", "reflow_pairs", "direct"}
+    published = publish(tmp_path / "run", weights)
+    assert [p.name for p in published] == ["tiny-teacher", "tiny-direct"]  # the 2-RF is compact already
+    for folder in published:
+        assert (folder / "unet" / INT8_WEIGHTS).is_file() and (folder / "vae").resolve() == weights / "tiny-instaflow" / "vae"
+        images = InstaFlowPipeline.from_pretrained(folder, device="cpu")(PROMPTS, [1, 2], output_type="np").images
+        assert images.shape == (2, 64, 64, 3)
