@@ -172,3 +172,28 @@ def test_a_duplicate_in_a_later_chunk_is_found_through_the_band_index(configure,
         bands = session.scalars(select(ImagePhashBand.image_id).where(ImagePhashBand.batch_id == batch_id)).all()
     assert metrics["twin_ref"] == first.id and metrics["nearest_distance"] == 0
     assert sorted(bands) == sorted(image.id for image in images.values() for _ in range(4))
+
+    # The worker asks for a micro-batch's candidates in one query: the same matches as a look-up of
+    # each value among the batch's images that share a luma band with it.
+    from qc.phash import HashIndex, luma_bands
+    from worker.duplicates import LedgerHashIndex
+
+    def in_ledger(work):
+        with stack.sessions() as session:
+            return work(session)
+
+    recorded = [(int(image.phash, 16), image.id) for image in images.values()]
+    luma_mask = ((1 << 64) - 1) << 192
+    probes = [value for value, _ in recorded] + [value ^ (1 << 255) ^ 1 for value, _ in recorded] + \
+        [recorded[0][0] ^ luma_mask]
+
+    def expected(value):
+        shared = {phash: ref for phash, ref in recorded if set(enumerate(luma_bands(phash))) & set(enumerate(luma_bands(value)))}
+        return HashIndex(shared).nearest(value)
+
+    def seen(match):
+        return None if match is None else (match.phash, match.distance, match.colour_distance)
+
+    found = LedgerHashIndex(in_ledger, batch_id).nearest_many(probes)
+    assert [seen(match) for match in found] == [seen(expected(value)) for value in probes]
+    assert found[-1] is None and found[0].distance == 0
