@@ -18,6 +18,7 @@ arithmetic; see tests/test_engine.py for what is measured).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Literal, Sequence
 
@@ -67,8 +68,10 @@ class InstaFlowPipeline:
     def model_id(self) -> str:
         return model_id_of(self.components.path, self.components.model_index)
 
-    @property
+    @cached_property
     def weights_sha256(self) -> str:
+        """Once per pipeline: the worker records it with every image, and each look-up of the
+        fingerprint cache resolves the folder on disk again (about 1 ms; docs/performance.md)."""
         return weights_fingerprint(self.components.path)
 
     @property

@@ -295,7 +295,7 @@ class ImageSteps:
             "width": rendered.picture.width, "height": rendered.picture.height, "model_id": model.model_id,
             "weights_sha256": model.weights_sha256, "refine": self.refine_record(batch),
             "timings": {name: round(value, 6) for name, value in rendered.timings.items()},
-            "phash": outcome.to_dict()["phash"] if outcome is not None else None,
+            "phash": phash_to_hex(outcome.phash) if outcome is not None else None,
             "qc_verdict": outcome.verdict if outcome is not None else "review",  # QC failed: a human looks
             "qc_reasons": list(outcome.reasons) if outcome is not None else ["qc_error"],
             "parent_image_id": parent_image_id, "created_at": now,
@@ -307,7 +307,7 @@ class ImageSteps:
         return {"action": "qc.verdict", "actor": self.actor, "batch_id": batch.id, "item_id": image.item.id,
                 "image_id": image.id, "payload": {
                     "verdict": outcome.verdict, "reasons": list(outcome.reasons),
-                    "advisories": list(outcome.advisories), "phash": outcome.to_dict()["phash"],
+                    "advisories": list(outcome.advisories), "phash": phash_to_hex(outcome.phash),
                     "scorers": [{"scorer": r.scorer, "version": r.version, "verdict": r.verdict}
                                 for r in outcome.results],
                     "notes": list(getattr(outcome, "notes", []) or []),
