@@ -75,6 +75,7 @@ class CpuLedger:
 def instrument(ledger: CpuLedger) -> None:
     """Wrap the worker's components (before the worker app is built, so its imports see the wrappers)."""
     import core.credentials
+    import core.webhooks
     import core.watermark
     import worker.chunk
     import worker.sealing
@@ -106,6 +107,7 @@ def instrument(ledger: CpuLedger) -> None:
     ledger.patch(WorkerContext, "screen", "prompt screening")
     ledger.patch(worker.chunk, "complete_if_done", "batch completion")
     ledger.patch(worker.chunk, "dispatch_pending", "dispatch from outbox")
+    ledger.patch(core.webhooks, "enqueue_for_batch", "ledger: image.flagged deliveries")
     del core.credentials  # imported so Sealer.sign's module is loaded
 
 

@@ -89,6 +89,11 @@ class ModelRunner:
             seconds["refine"] = time.perf_counter() - started
         return Rendered(images=images, nsfw_flags=flags, seconds=seconds)
 
+    def encode_ahead(self, prompts: Sequence[str], *, pad: bool = True) -> None:
+        """The text encoder's pass of a coming ``generate(prompts)``, now (worker/chunk.py overlaps it)."""
+        fixed = self.settings.micro_batch if self.settings.pad_micro_batch and pad else None
+        self.pipe.encode_ahead(list(prompts), fixed if fixed and fixed >= len(prompts) else None)
+
     def _refine(self, images: list[Any], prompts: Sequence[str], seeds: Sequence[int], refine: dict[str, Any],
                 fixed: int | None) -> tuple[list[Any], list[bool]]:
         """The refiner over one pass's images, padded to the same fixed batch size as the one-step pass:

@@ -157,6 +157,17 @@ class ImageSteps:
             self.ctx.model.free_cache()
             return self.generate(batch, jobs[:half], pad=False) + self.generate(batch, jobs[half:], pad=False)
 
+    def encode_ahead(self, jobs: list[Job]) -> None:
+        """The text encoding of a coming ``generate(jobs)``, now: the chunk runner runs it on another
+        thread beside the pass before (worker/chunk.py). A failure here costs nothing: generate encodes."""
+        ahead = getattr(self.ctx.model, "encode_ahead", None)  # an engine without one (bench/sim.py)
+        if ahead is None:
+            return
+        try:
+            ahead([item.prompt for item, _, _ in jobs])
+        except Exception as error:
+            log.warning("encoding the next pass's prompts ahead failed (generate will): %s", error)
+
     def _generate_once(self, batch: BatchView, jobs: list[Job], pad: bool) -> list[GeneratedImage]:
         model = self.ctx.model
         unpadded = {} if pad else {"pad": False}  # engines that never split need not know the keyword
