@@ -282,20 +282,23 @@ class ImageSteps:
                  for row in band_rows(batch.id, image.id, phash_to_hex(image.qc.phash))]
         if bands:
             session.execute(insert(ImagePhashBand), bands)
-        for image in images:
-            self._flag(session, batch, image)
+        self._flag(session, batch, [image for image in images if image.qc is None or image.qc.verdict != Verdict.PASS])
         return [self._verdict_event(batch, image) for image in images if image.qc is not None]
 
     @staticmethod
-    def _flag(session: Session, batch: BatchView, image: UploadedImage) -> None:
-        """An image QC did not pass is an ``image.flagged`` webhook delivery, in the same transaction."""
-        outcome = image.qc
-        if outcome is not None and outcome.verdict == Verdict.PASS:
+    def _flag(session: Session, batch: BatchView, flagged: list[UploadedImage]) -> None:
+        """Each image QC did not pass is an ``image.flagged`` webhook delivery, in the same transaction;
+        the batch's endpoint looked up once for all of them."""
+        endpoint = webhooks.batch_endpoint(session, batch.id) if flagged else None
+        if endpoint is None:
             return
-        webhooks.enqueue_for_batch(session, webhooks.IMAGE_FLAGGED, batch.id, {
-            "image_id": image.id, "item_id": image.item.id, "external_id": image.item.external_id,
-            "verdict": outcome.verdict if outcome is not None else "review",
-            "reasons": list(outcome.reasons) if outcome is not None else ["qc_error"]})
+        team, url = endpoint
+        for image in flagged:
+            outcome = image.qc
+            webhooks.enqueue(session, webhooks.IMAGE_FLAGGED, team=team, batch_id=batch.id, url=url, data={
+                "batch_id": batch.id, "image_id": image.id, "item_id": image.item.id,
+                "external_id": image.item.external_id, "verdict": outcome.verdict if outcome is not None else "review",
+                "reasons": list(outcome.reasons) if outcome is not None else ["qc_error"]})
 
     def _image_row(self, batch: BatchView, image: UploadedImage, parent_image_id: str | None,
                    now: Any) -> dict[str, Any]:
