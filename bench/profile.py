@@ -91,6 +91,7 @@ def instrument(ledger: CpuLedger) -> None:
 
     ledger.patch(ModelRunner, "generate", "generate: other (noise, padding, to PIL)")
     ledger.patch(InstaFlowPipeline, "encode_prompts", "generate: text encoder")
+    ledger.patch(InstaFlowPipeline, "encode_ahead", "generate: text encoder (ahead)")
     ledger.patch(InstaFlowPipeline, "integrate", "generate: unet")
     ledger.patch(InstaFlowPipeline, "decode", "generate: vae decode")
     ledger.patch(logo, "stamp", "logo stamp")
