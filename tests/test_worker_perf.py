@@ -188,7 +188,8 @@ def test_a_duplicate_in_a_later_chunk_is_found_through_the_band_index(configure,
         [recorded[0][0] ^ luma_mask]
 
     def expected(value):
-        shared = {phash: ref for phash, ref in recorded if set(enumerate(luma_bands(phash))) & set(enumerate(luma_bands(value)))}
+        bands = set(enumerate(luma_bands(value)))
+        shared = {phash: ref for phash, ref in recorded if set(enumerate(luma_bands(phash))) & bands}
         return HashIndex(shared).nearest(value)
 
     def seen(match):

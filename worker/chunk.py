@@ -204,7 +204,8 @@ class ChunkRunner:
                     self._cancel_held(batch, [item for rest in groups[position:] for item in rest])
                     return
                 if self.settings.pipeline_depth and position + 1 < len(groups):
-                    ahead = self.ctx.ahead_thread.submit(self.steps.encode_ahead, self._first_pass(groups[position + 1]))
+                    next_pass = self._first_pass(groups[position + 1])
+                    ahead = self.ctx.ahead_thread.submit(self.steps.encode_ahead, next_pass)
                 for made, generated, started in self._generate(batch, group):
                     overlap.submit(partial(self._finish, batch, made, generated, started))
 
