@@ -64,11 +64,21 @@ def enqueue(session: Session, event: str, *, team: str, batch_id: str | None, ur
 
 
 def enqueue_for_batch(session: Session, event: str, batch_id: str, data: Mapping[str, Any]) -> WebhookDelivery | None:
+    endpoint = batch_endpoint(session, batch_id)
+    if endpoint is None:
+        return None
+    team, url = endpoint
+    return enqueue(session, event, team=team, batch_id=batch_id, url=url, data={"batch_id": batch_id, **data})
+
+
+def batch_endpoint(session: Session, batch_id: str) -> tuple[str, str] | None:
+    """(team, url) a batch's events go to, or None when nowhere: looked up once for many events
+    (the worker's image.flagged deliveries of a micro-batch)."""
     batch = session.get(Batch, batch_id)
     if batch is None:
         return None
-    return enqueue(session, event, team=batch.team, batch_id=batch_id, url=batch.webhook_url,
-                   data={"batch_id": batch_id, **data})
+    url = batch.webhook_url or _team_url(session, batch.team)
+    return (batch.team, url) if url else None
 
 
 def enqueue_items_dead(session: Session, item_ids: Sequence[str]) -> int:

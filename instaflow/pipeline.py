@@ -17,7 +17,9 @@ arithmetic; see tests/test_engine.py for what is measured).
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Literal, Sequence
 
@@ -39,6 +41,9 @@ class InstaFlowOutput:
     nsfw_flags: list[bool]
 
 
+AHEAD_PASSES = 2  # passes whose prompts encode_ahead keeps encoded at most
+
+
 class InstaFlowPipeline:
     """Text-to-image with a rectified-flow UNet (InstaFlow-0.9B, 2-rectified flow, the tiny model)."""
 
@@ -53,6 +58,8 @@ class InstaFlowPipeline:
         self.device = components.device
         self.dtype = components.dtype
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self._ahead: dict[tuple[str, ...], torch.Tensor] = {}  # prompts encoded ahead (encode_ahead)
+        self._ahead_lock = threading.Lock()
 
     @classmethod
     def from_pretrained(
@@ -67,8 +74,10 @@ class InstaFlowPipeline:
     def model_id(self) -> str:
         return model_id_of(self.components.path, self.components.model_index)
 
-    @property
+    @cached_property
     def weights_sha256(self) -> str:
+        """Once per pipeline: the worker records it with every image, and each look-up of the
+        fingerprint cache resolves the folder on disk again (about 1 ms; docs/performance.md)."""
         return weights_fingerprint(self.components.path)
 
     @property
@@ -178,8 +187,25 @@ class InstaFlowPipeline:
             raise ValueError(f"got {len(negative_prompt)} negative prompts for {batch_size} prompts")
         return list(negative_prompt)
 
+    def encode_ahead(self, prompts: Sequence[str], fixed_batch_size: int | None = None) -> None:
+        """Encode a coming pass's prompts now, on the caller's thread (the worker runs it beside the
+        pass before, worker/chunk.py); that pass's ``encode_prompts`` then takes them. The same padded
+        list through the same text encoder: the same embeddings, so the same images."""
+        padded = tuple(pad_batch(fixed_batch_size, prompts)[0])
+        with torch.inference_mode():
+            embeds = self._encode_text(padded)
+        with self._ahead_lock:
+            while len(self._ahead) >= AHEAD_PASSES:  # a pass that never came (retried item by item, cancelled)
+                self._ahead.pop(next(iter(self._ahead)))
+            self._ahead[padded] = embeds
+
     def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
         """CLIP last hidden states, padded to the tokenizer's max length as Stable Diffusion does."""
+        with self._ahead_lock:
+            embeds = self._ahead.pop(tuple(prompts), None)
+        return embeds if embeds is not None else self._encode_text(prompts)
+
+    def _encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
         token_ids = self.tokenizer(
             list(prompts),
             padding="max_length",

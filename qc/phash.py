@@ -19,7 +19,7 @@ across chunks, not only within one.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -126,6 +126,10 @@ class HashIndex:
         self._hashes.append(int(value, 16) if isinstance(value, str) else int(value))
         self._refs.append(ref)
         self._array = None
+
+    def nearest_many(self, values: Sequence[int]) -> list[DuplicateMatch | None]:
+        """``nearest`` of each value; an index that answers from elsewhere (the ledger) does all in one look-up."""
+        return [self.nearest(value) for value in values]
 
     def nearest(self, value: int) -> DuplicateMatch | None:
         """The known hash closest in luma + colour bits (the earliest on ties)."""

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from qc.images import LUMA_WEIGHTS, ImageView, lab_channels
-from qc.phash import HashIndex, phash_view
+from qc.phash import DuplicateMatch, HashIndex, phash_view
 from qc.results import phash_to_hex
 
 Metrics = dict[str, Any]
@@ -202,23 +202,26 @@ class DuplicateScorer(Scorer):
     version = "1"
 
     def score(self, batch: ScoringBatch) -> list[Metrics]:
+        values = [phash_view(view) for view in batch.views]
+        degenerate = [float(view.luma.std()) < DEGENERATE_STD for view in batch.views]
+        # The known images' matches in one look-up for the chunk (one ledger query, not one per image).
+        matchable = [value for value, flat in zip(values, degenerate) if not flat]
+        known = iter(batch.known_hashes.nearest_many(matchable) if matchable else [])
         in_chunk = HashIndex()
         results = []
-        for index, view in enumerate(batch.views):
-            value = phash_view(view)
-            degenerate = float(view.luma.std()) < DEGENERATE_STD
-            metrics: Metrics = {"phash": phash_to_hex(value), "degenerate": degenerate}
-            if not degenerate:
-                metrics.update(self._nearest(value, in_chunk, batch.known_hashes))
+        for index, (value, flat) in enumerate(zip(values, degenerate)):
+            metrics: Metrics = {"phash": phash_to_hex(value), "degenerate": flat}
+            if not flat:
+                metrics.update(self._nearest(in_chunk.nearest(value), next(known)))
                 in_chunk.add(value, index)
             results.append(metrics)
         return results
 
     @staticmethod
-    def _nearest(value: int, in_chunk: HashIndex, known: HashIndex) -> Metrics:
+    def _nearest(in_chunk: DuplicateMatch | None, known: DuplicateMatch | None) -> Metrics:
         candidates = [
             (match, key)
-            for match, key in ((in_chunk.nearest(value), "twin_index"), (known.nearest(value), "twin_ref"))
+            for match, key in ((in_chunk, "twin_index"), (known, "twin_ref"))
             if match is not None
         ]
         if not candidates:

@@ -12,6 +12,7 @@ import zlib
 from pathlib import Path
 
 import c2pa
+import numpy as np
 import pytest
 from PIL import Image as PILImage
 from typer.testing import CliRunner
@@ -127,6 +128,25 @@ def test_the_watermark_survives_jpeg_q75_and_a_resize_and_is_skipped_on_small_im
     tiny, skipped = watermark.embed(product_picture(64), mark_id)
     assert not skipped.embedded and "64x64" in skipped.reason and tiny.tobytes() == product_picture(64).tobytes()
     assert skipped.as_record()["skipped"] == skipped.reason
+
+
+@pytest.mark.parametrize("side", [(512, 512), (520, 768)])
+def test_the_vectorised_watermark_gives_the_libraries_bytes(side):
+    """core/watermark.py embeds all blocks at once; imwatermark's encoder, block by block, must give
+    the same pixels (the same prompt, seed and params give the same bytes as before)."""
+    from imwatermark import WatermarkEncoder
+
+    rng = np.random.default_rng(sum(side))
+    noise = PILImage.fromarray(rng.integers(0, 256, (side[1], side[0], 3), dtype=np.uint8))
+    smooth = noise.resize((side[0] // 8, side[1] // 8)).resize(side, PILImage.BICUBIC)
+    for picture in (product_picture(side[0]).resize(side), noise, smooth, PILImage.new("RGB", side)):
+        mark_id = f"{int(rng.integers(0, 2**32)):08x}"
+        bgr = np.ascontiguousarray(np.asarray(picture)[:, :, ::-1])
+        library = WatermarkEncoder()
+        library.set_watermark("bits", watermark._bits(mark_id))
+        expected = library.encode(bgr.copy(), watermark.METHOD, scales=list(watermark.SCALES))
+        marked, _ = watermark.embed(picture, mark_id)
+        assert np.array_equal(np.asarray(marked), expected[:, :, ::-1])
 
 
 def test_a_key_that_does_not_match_its_chain_is_refused(dev_chain, tmp_path):

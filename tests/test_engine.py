@@ -224,3 +224,19 @@ def test_a_fixed_batch_size_makes_an_image_independent_of_its_chunk(pipe: InstaF
     assert np.array_equal(full[2], partial.images[0]) and np.array_equal(full[3], partial.images[1])
     with pytest.raises(ValueError, match="fixed_batch_size"):
         pipe(prompts, seeds=seeds, fixed_batch_size=4)
+
+
+def test_prompts_encoded_ahead_give_the_same_images_and_are_taken_once(pipe: InstaFlowPipeline) -> None:
+    prompts, seeds = ["red mug", "blue vase", "green lamp"], [21, 22, 23]
+    plain = pipe(prompts, seeds=seeds, output_type="np", fixed_batch_size=4).images
+    pipe.encode_ahead(prompts, fixed_batch_size=4)
+    encoded = []
+    original = pipe._encode_text
+    pipe._encode_text = lambda texts: encoded.append(list(texts)) or original(texts)  # spy: encodes done in the pass
+    try:
+        ahead = pipe(prompts, seeds=seeds, output_type="np", fixed_batch_size=4).images
+        again = pipe(prompts, seeds=seeds, output_type="np", fixed_batch_size=4).images
+    finally:
+        del pipe._encode_text
+    assert np.array_equal(plain, ahead) and np.array_equal(plain, again)
+    assert encoded == [prompts + prompts[-1:]]  # the first pass took the embeddings encoded ahead; the second encoded

@@ -172,3 +172,66 @@ def test_a_duplicate_in_a_later_chunk_is_found_through_the_band_index(configure,
         bands = session.scalars(select(ImagePhashBand.image_id).where(ImagePhashBand.batch_id == batch_id)).all()
     assert metrics["twin_ref"] == first.id and metrics["nearest_distance"] == 0
     assert sorted(bands) == sorted(image.id for image in images.values() for _ in range(4))
+
+    # The worker asks for a micro-batch's candidates in one query: the same matches as a look-up of
+    # each value among the batch's images that share a luma band with it.
+    from qc.phash import HashIndex, luma_bands
+    from worker.duplicates import LedgerHashIndex
+
+    def in_ledger(work):
+        with stack.sessions() as session:
+            return work(session)
+
+    recorded = [(int(image.phash, 16), image.id) for image in images.values()]
+    luma_mask = ((1 << 64) - 1) << 192
+    probes = [value for value, _ in recorded] + [value ^ (1 << 255) ^ 1 for value, _ in recorded] + \
+        [recorded[0][0] ^ luma_mask]
+
+    def expected(value):
+        bands = set(enumerate(luma_bands(value)))
+        shared = {phash: ref for phash, ref in recorded if set(enumerate(luma_bands(phash))) & bands}
+        return HashIndex(shared).nearest(value)
+
+    def seen(match):
+        return None if match is None else (match.phash, match.distance, match.colour_distance)
+
+    found = LedgerHashIndex(in_ledger, batch_id).nearest_many(probes)
+    assert [seen(match) for match in found] == [seen(expected(value)) for value in probes]
+    assert found[-1] is None and found[0].distance == 0
+
+
+def test_the_next_passes_prompts_are_encoded_ahead_on_their_own_thread_with_the_same_images(configure,
+                                                                                            random_checkpoint):
+    import threading
+
+    from instaflow.pipeline import InstaFlowPipeline
+
+    threads: list[str] = []
+    original = InstaFlowPipeline._encode_text
+
+    def spy(self, prompts):
+        threads.append(threading.current_thread().name)
+        return original(self, prompts)
+
+    pixels = {}
+    for depth in ("2", "0"):  # overlapped (encoded ahead), then naive (no overlap, nothing ahead)
+        stack = build_stack(configure, INSTABATCH_MODEL=str(random_checkpoint), INSTABATCH_MICRO_BATCH="2",
+                            INSTABATCH_CHUNK_IMAGES="6", INSTABATCH_PIPELINE_DEPTH=depth)
+        ctx = stack.app.instabatch
+        batch_id = stack.submit(PROMPTS, params={"width": 64, "height": 64}, dispatch=False)
+        with stack.sessions() as session:
+            chunks = session.scalars(select(Outbox.item_ids).where(Outbox.batch_id == batch_id)).all()
+        threads.clear()
+        InstaFlowPipeline._encode_text = spy
+        try:
+            reports = [ChunkRunner(ctx, f"ahead-{depth}-{n}").run(chunk) for n, chunk in enumerate(chunks)]
+        finally:
+            InstaFlowPipeline._encode_text = original
+        assert sum(report.succeeded for report in reports) == len(PROMPTS)
+        # The files are signed (a manifest differs per signing): compare the pixels.
+        pixels[depth] = sorted((image.seed, PILImage.open(io.BytesIO(stack.store.get(image.storage_key))).tobytes())
+                               for image in stack.images(batch_id))
+        main = threading.current_thread().name
+        # One chunk of 3 passes: the first encoded in the pass itself, the next two ahead (overlapped only).
+        assert sorted(threads) == sorted(["ahead_0"] * 2 + [main] if depth == "2" else [main] * 3)
+    assert pixels["2"] == pixels["0"] and len(pixels["2"]) == len(PROMPTS)

@@ -1,7 +1,8 @@
 """One task's work: claim a chunk's items, generate them micro-batch by micro-batch, store, check, record.
 
     take (mark the message claimed, settle) → claim (one UPDATE, lease) → screen prompts
-    → per micro-batch: [cancel?] → generate (one forward pass, per-image seeds)
+    → per micro-batch: [cancel?] → generate (one forward pass, per-image seeds; the next pass's
+      prompts encoded beside it on another thread)
         ⇢ on the finishing thread, while the device renders the next micro-batch:
           encode (the batch's format, provenance inside) → store (write-once key), with QC on
           its own thread beside them
@@ -24,6 +25,7 @@ import logging
 import threading
 import time
 from collections import defaultdict
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Iterator, Sequence
@@ -45,7 +47,7 @@ from worker.completion import complete_if_done
 from worker.context import WorkerContext, worker_identity
 from worker.leases import ClaimedItem
 from worker.pipeline import Overlap
-from worker.steps import BatchView, GeneratedImage, ImageSteps, RenderedImage, UploadedImage
+from worker.steps import BatchView, GeneratedImage, ImageSteps, Job, RenderedImage, UploadedImage
 from worker.version import code_version
 
 log = logging.getLogger(__name__)
@@ -196,13 +198,24 @@ class ChunkRunner:
         """Micro-batch by micro-batch: the device renders one while the finishing thread encodes,
         stores, checks and records the ones before it (worker/pipeline.py)."""
         groups = list(pack_by_images(items, self.settings.micro_batch, lambda item: item.num_images))
+        ahead: Future[None] | None = None
         with Overlap(self.ctx.finisher, self.settings.pipeline_depth) as overlap:
             for position, group in enumerate(groups):
+                if ahead is not None:
+                    ahead.result()  # this pass's prompts are encoded: generate must not encode them again
                 if self._cancel_requested(batch.id):
                     self._cancel_held(batch, [item for rest in groups[position:] for item in rest])
                     return
+                if self.settings.pipeline_depth and position + 1 < len(groups):
+                    next_pass = self._first_pass(groups[position + 1])
+                    ahead = self.ctx.ahead_thread.submit(self.steps.encode_ahead, batch, next_pass)
                 for made, generated, started in self._generate(batch, group):
                     overlap.submit(partial(self._finish, batch, made, generated, started))
+
+    def _first_pass(self, group: list[ClaimedItem]) -> list[Job]:
+        """The jobs of a group's first forward pass, as ``_generate`` will make them."""
+        jobs = [(item, index, image_seed(item.seed, index)) for item in group for index in range(item.num_images)]
+        return jobs[:self.settings.micro_batch]
 
     def _cancel_requested(self, batch_id: str) -> bool:
         return self.ctx.in_ledger(lambda session: session.scalar(

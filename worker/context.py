@@ -49,6 +49,7 @@ class WorkerContext:
         self._encoders: Executor | None = None
         self._finisher: ThreadPoolExecutor | None = None
         self._qc_thread: ThreadPoolExecutor | None = None
+        self._ahead_thread: ThreadPoolExecutor | None = None
 
     def _this_process(self) -> None:
         if self._pid != os.getpid():
@@ -92,6 +93,14 @@ class WorkerContext:
         if self._finisher is None:
             self._finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="finish")
         return self._finisher
+
+    @property
+    def ahead_thread(self) -> ThreadPoolExecutor:
+        """The one thread that encodes the next pass's prompts while the device runs the current one."""
+        self._this_process()
+        if self._ahead_thread is None:
+            self._ahead_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ahead")
+        return self._ahead_thread
 
     @property
     def qc_thread(self) -> ThreadPoolExecutor:

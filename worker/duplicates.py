@@ -8,7 +8,7 @@ batch, band and value): a few rows per image instead of every pHash of the batch
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from sqlalchemy import and_, or_, select
@@ -35,17 +35,31 @@ class LedgerHashIndex(HashIndex):
         self._batch_id = batch_id
 
     def nearest(self, value: int) -> DuplicateMatch | None:
-        rows = self._in_ledger(lambda session: session.execute(candidates_query(self._batch_id, value)).all())
-        return HashIndex({int(phash, 16): image_id for phash, image_id in rows}).nearest(value)
+        return self.nearest_many([value])[0]
+
+    def nearest_many(self, values: Sequence[int]) -> list[DuplicateMatch | None]:
+        """One query for the candidates of every value (a micro-batch's), each value then matched
+        against the candidates that share a band with it: what one query per value would find."""
+        rows = self._in_ledger(lambda session: session.execute(candidates_query(self._batch_id, values)).all())
+        candidates = [(int(phash, 16), image_id) for phash, image_id in rows]
+        bands = [set(enumerate(luma_bands(phash))) for phash, _ in candidates]
+        matches = []
+        for value in values:
+            wanted = set(enumerate(luma_bands(value)))
+            index = HashIndex({phash: image_id for (phash, image_id), shared in zip(candidates, bands)
+                               if shared & wanted})
+            matches.append(index.nearest(value))
+        return matches
 
 
-def candidates_query(batch_id: str, value: int):
-    """The batch's images that share a luma band with ``value``."""
-    same_band = or_(*(and_(ImagePhashBand.band == band, ImagePhashBand.value == part)
-                      for band, part in enumerate(luma_bands(value))))
+def candidates_query(batch_id: str, values: int | Sequence[int]):
+    """The batch's images that share a luma band with any of ``values``, in id order."""
+    wanted = {(band, part) for value in ([values] if isinstance(values, int) else values)
+              for band, part in enumerate(luma_bands(value))}
+    same_band = or_(*(and_(ImagePhashBand.band == band, ImagePhashBand.value == part) for band, part in sorted(wanted)))
     return (select(Image.phash, Image.id).distinct()
             .join(ImagePhashBand, ImagePhashBand.image_id == Image.id)
-            .where(ImagePhashBand.batch_id == batch_id, same_band))
+            .where(ImagePhashBand.batch_id == batch_id, same_band).order_by(Image.id))
 
 
 def band_rows(batch_id: str, image_id: str, phash_hex: str) -> list[dict[str, Any]]:

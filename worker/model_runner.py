@@ -135,6 +135,16 @@ class ModelRunner:
         return Rendered(images=images, nsfw_flags=flags, seconds=seconds,
                         identity={"model": name, "weights_sha256": pipe.weights_sha256})
 
+    def encode_ahead(self, prompts: Sequence[str], *, pad: bool = True, model: str | None = None) -> None:
+        """The text encoder's pass of a coming ``generate(prompts, model=model)``, now (worker/chunk.py
+        overlaps it). Only on a model already loaded: this runs on another thread, and loading (or
+        reordering the LRU) stays with ``generate`` on the chunk's own thread."""
+        pipe = self._pipes.get(self.registry.resolve(model))
+        if pipe is None:
+            return
+        fixed = self.settings.micro_batch if self.settings.pad_micro_batch and pad else None
+        pipe.encode_ahead(list(prompts), fixed if fixed and fixed >= len(prompts) else None)
+
     def _refine(self, images: list[Any], prompts: Sequence[str], seeds: Sequence[int], refine: dict[str, Any],
                 fixed: int | None) -> tuple[list[Any], list[bool]]:
         """The refiner over one pass's images, padded to the same fixed batch size as the one-step pass:

@@ -175,6 +175,17 @@ class ImageSteps:
         ``params.model``): what provenance, the image row and the audit event record."""
         return self.ctx.model.identity(model if model is not None else batch.generation_params.model)
 
+    def encode_ahead(self, batch: BatchView, jobs: list[Job]) -> None:
+        """The text encoding of a coming ``generate(batch, jobs)``, now: the chunk runner runs it on another
+        thread beside the pass before (worker/chunk.py). A failure here costs nothing: generate encodes."""
+        ahead = getattr(self.ctx.model, "encode_ahead", None)  # an engine without one (bench/sim.py)
+        if ahead is None:
+            return
+        try:
+            ahead([item.prompt for item, _, _ in jobs], model=batch.generation_params.model)
+        except Exception as error:
+            log.warning("encoding the next pass's prompts ahead failed (generate will): %s", error)
+
     def _generate_once(self, batch: BatchView, jobs: list[Job], pad: bool, name: str | None) -> list[GeneratedImage]:
         model = self.ctx.model
         # Keywords only when they differ from the defaults: engines that never split (or serve one model,
@@ -291,20 +302,23 @@ class ImageSteps:
                  for row in band_rows(batch.id, image.id, phash_to_hex(image.qc.phash))]
         if bands:
             session.execute(insert(ImagePhashBand), bands)
-        for image in images:
-            self._flag(session, batch, image)
+        self._flag(session, batch, [image for image in images if image.qc is None or image.qc.verdict != Verdict.PASS])
         return [self._verdict_event(batch, image) for image in images if image.qc is not None]
 
     @staticmethod
-    def _flag(session: Session, batch: BatchView, image: UploadedImage) -> None:
-        """An image QC did not pass is an ``image.flagged`` webhook delivery, in the same transaction."""
-        outcome = image.qc
-        if outcome is not None and outcome.verdict == Verdict.PASS:
+    def _flag(session: Session, batch: BatchView, flagged: list[UploadedImage]) -> None:
+        """Each image QC did not pass is an ``image.flagged`` webhook delivery, in the same transaction;
+        the batch's endpoint looked up once for all of them."""
+        endpoint = webhooks.batch_endpoint(session, batch.id) if flagged else None
+        if endpoint is None:
             return
-        webhooks.enqueue_for_batch(session, webhooks.IMAGE_FLAGGED, batch.id, {
-            "image_id": image.id, "item_id": image.item.id, "external_id": image.item.external_id,
-            "verdict": outcome.verdict if outcome is not None else "review",
-            "reasons": list(outcome.reasons) if outcome is not None else ["qc_error"]})
+        team, url = endpoint
+        for image in flagged:
+            outcome = image.qc
+            webhooks.enqueue(session, webhooks.IMAGE_FLAGGED, team=team, batch_id=batch.id, url=url, data={
+                "batch_id": batch.id, "image_id": image.id, "item_id": image.item.id,
+                "external_id": image.item.external_id, "verdict": outcome.verdict if outcome is not None else "review",
+                "reasons": list(outcome.reasons) if outcome is not None else ["qc_error"]})
 
     def _image_row(self, batch: BatchView, image: UploadedImage, parent_image_id: str | None,
                    now: Any) -> dict[str, Any]:
@@ -317,7 +331,7 @@ class ImageSteps:
             "model_id": rendered.record["model"], "weights_sha256": rendered.record["weights_sha256"],
             "refine": self.refine_record(batch),
             "timings": {name: round(value, 6) for name, value in rendered.timings.items()},
-            "phash": outcome.to_dict()["phash"] if outcome is not None else None,
+            "phash": phash_to_hex(outcome.phash) if outcome is not None else None,
             "qc_verdict": outcome.verdict if outcome is not None else "review",  # QC failed: a human looks
             "qc_reasons": list(outcome.reasons) if outcome is not None else ["qc_error"],
             "parent_image_id": parent_image_id, "created_at": now,
@@ -329,7 +343,7 @@ class ImageSteps:
         return {"action": "qc.verdict", "actor": self.actor, "batch_id": batch.id, "item_id": image.item.id,
                 "image_id": image.id, "payload": {
                     "verdict": outcome.verdict, "reasons": list(outcome.reasons),
-                    "advisories": list(outcome.advisories), "phash": outcome.to_dict()["phash"],
+                    "advisories": list(outcome.advisories), "phash": phash_to_hex(outcome.phash),
                     "scorers": [{"scorer": r.scorer, "version": r.version, "verdict": r.verdict}
                                 for r in outcome.results],
                     "notes": list(getattr(outcome, "notes", []) or []),
