@@ -40,7 +40,7 @@ faketime:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq faketime >/dev/null; }
 
 test: setup browser faketime
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=40
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
