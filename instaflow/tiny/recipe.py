@@ -221,6 +221,14 @@ def stage_teacher(run: Run, seed: int) -> dict:
     return {"loss": _loss_summary(losses), "unet_params": n_params(unet), "text_params": n_params(text_encoder)}
 
 
+def drop_prompts(embeds: torch.Tensor, uncond: torch.Tensor, rate: float, gen: torch.Generator) -> torch.Tensor:
+    """The prompt embeddings with a share `rate` replaced by the empty prompt's (what classifier-free
+    guidance needs the model to have seen)."""
+    embeds = embeds.clone()
+    embeds[torch.rand(len(embeds), generator=gen) < rate] = uncond
+    return embeds
+
+
 def _random_captions(n: int, seed: int) -> list[str]:
     rng = np.random.default_rng(seed)
     out = []
@@ -272,8 +280,7 @@ def stage_rf2(run: Run, seed: int) -> dict:
 
     def loss_fn(step: int) -> torch.Tensor:
         idx = torch.from_numpy(rng.integers(0, len(z), c.batch))
-        e = embeds[idx].clone()
-        e[torch.rand(len(idx), generator=gen) < c.prompt_dropout] = uncond[0]
+        e = drop_prompts(embeds[idx], uncond[0], c.prompt_dropout, gen)
         return flow.rf_loss(unet, x1[idx], z[idx], e, torch.rand(len(idx), generator=gen))
 
     losses = _optimise(run, "rf2", list(unet.parameters()), c.rf2_iters, c.rf2_lr, loss_fn,

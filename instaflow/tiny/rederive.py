@@ -79,8 +79,7 @@ def stage_teacher(run: recipe.Run, seed: int, source: Path = TINY_REFINER_DIR) -
 
     def loss_fn(step: int) -> torch.Tensor:
         idx = torch.from_numpy(rng.integers(0, len(latents), c.teacher_batch))
-        e = embeds[idx].clone()
-        e[torch.rand(len(idx), generator=gen) < c.prompt_dropout] = uncond
+        e = recipe.drop_prompts(embeds[idx], uncond, c.prompt_dropout, gen)
         z = torch.randn(latents[idx].shape, generator=gen)
         return flow.rf_loss(unet, latents[idx], z, e, torch.rand(len(idx), generator=gen))
 
