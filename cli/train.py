@@ -129,9 +129,9 @@ def _pair_counts(info: dict) -> dict:
 
 
 def _evaluate(teacher: Path, out: Path, prompts: list[str], config, log) -> dict:
-    """The end-of-run comparison. `instabatch compare` (qc/compare.py) is the project's tool for it; until it
-    is on main this is instaflow.reflow.evaluate's: images/s and the distance to the teacher's ODE output.
-    Replace the body with a call to compare here when it lands: nothing else depends on it."""
+    """The end-of-run evaluation: the distance of the one-step output to the teacher's ODE on held-out
+    seeds (instaflow.reflow.evaluate), then the PoC comparison (qc/compare.py, as `instabatch compare`
+    runs it) of the teacher, the 2-RF and the one-step model on the prompts: OUT/compare/report.html."""
     from instaflow.reflow import evaluate
 
     start = time.time()
@@ -145,8 +145,49 @@ def _evaluate(teacher: Path, out: Path, prompts: list[str], config, log) -> dict
         f"reflow_teacher_images_per_s={result['teacher']['images_per_s']} "
         f"reflow_one_step_pixel_mae={result['one_step']['pixel_mae_to_teacher']} "
         f"reflow_teacher_1_step_pixel_mae={result['teacher_1_step']['pixel_mae_to_teacher']}")
+    result["compare"] = _compare(teacher, out, prompts, config, log)
     result["seconds"] = round(time.time() - start, 1)
     return result
+
+
+def _compare(teacher: Path, out: Path, prompts: list[str], config, log) -> dict:
+    from core.ledger import ItemSpec
+    from core.params import GenerationParams
+    from qc.checker import QualityChecker
+    from qc.compare import (
+        ModelChoice,
+        alignment_note,
+        compare_models,
+        plan_jobs,
+        recommend,
+        recommendation_line,
+        result_line,
+        summarise,
+        with_speedups,
+    )
+    from qc.compare_report import write_report
+
+    def choice(name: str, path: Path, kind: str, steps: int, guidance: float) -> ModelChoice:
+        return ModelChoice(name, path, kind, GenerationParams.model_validate(
+            {"num_inference_steps": steps, "guidance_scale": guidance}))
+
+    choices = [choice("teacher", teacher, "multi-step", config.teacher_steps, config.guidance),
+               choice("2rf", out / "2rf", "few-step", config.rf2_pair_steps, 1.0),
+               choice("one-step", out / "one-step", "one-step", 1, 0.0)]
+    jobs = plan_jobs([ItemSpec(prompt=prompt, seed=row) for row, prompt in enumerate(prompts)])
+    checker, batch_size = QualityChecker(), min(16, len(jobs))
+    runs = compare_models(choices, jobs, batch_size=batch_size, checker=checker)
+    summaries = with_speedups([summarise(run) for run in runs])
+    recommendation = recommend(summaries)
+    write_report(out / "compare", jobs, runs, summaries, recommendation, {
+        "prompts": f"the {len(prompts)} training prompts", "images": len(jobs), "batch_size": batch_size,
+        "repeats": 1, "device": None, "pass_tolerance": 2.0, "alignment_tolerance": 2.0,
+        "alignment_note": alignment_note(checker), "finished_at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())})
+    for summary in summaries:
+        log(result_line(summary))
+    log(recommendation_line(recommendation, summaries))
+    log(f"compare: {out / 'compare' / 'report.html'}")
+    return {"report": str(out / "compare" / "report.html"), "recommendation": recommendation.name}
 
 
 def _fail(message: str) -> None:

@@ -87,6 +87,11 @@ def test_quick_reflow_writes_a_one_step_checkpoint_the_engine_generates_with(qui
     assert evaluation["one_step"]["steps"] == 1 and evaluation["one_step"]["images_per_s"] > 0
     assert evaluation["teacher"]["latent_rmse_to_teacher"] == 0.0
     assert evaluation["one_step"]["pixel_mae_to_teacher"] > 0
+    # The PoC comparison of the three (qc/compare.py): the report and its verdict rates per model.
+    report = json.loads((quick_run / "compare" / "results.json").read_text())
+    assert [row["name"] for row in report["models"]] == ["teacher", "2rf", "one-step"]
+    assert evaluation["compare"]["recommendation"] in {"teacher", "2rf", "one-step"}
+    assert (quick_run / "compare" / "report.html").is_file()
 
 
 def test_rerunning_skips_finished_stages_and_an_interrupted_stage_starts_again(quick_run: Path, prompts_file: Path):
