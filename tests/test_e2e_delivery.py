@@ -35,6 +35,13 @@ def cli_env() -> dict[str, str]:
     return {**env, "COLUMNS": "200", "PYTHONUNBUFFERED": "1"}
 
 
+def as_in_a_terminal() -> None:
+    """Ctrl-C as a terminal delivers it. A suite started in the background by a non-interactive shell
+    (`cmd &`) inherits SIGINT ignored, and an ignored signal stays ignored across exec: the CLI would
+    never see the user's Ctrl-C (seen in CI runs launched that way)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def instabatch(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     """The CLI as a user runs it, in its own process."""
     return subprocess.run([sys.executable, "-m", "cli.main", *args], cwd=REPO_ROOT, env=cli_env(),
@@ -62,7 +69,7 @@ def test_a_csv_comes_back_as_a_verified_folder_and_a_broken_download_resumes(
         waiting = subprocess.Popen(
             [sys.executable, "-m", "cli.main", "submit", str(products), "--api", url, "--key", keys["submitter"],
              "--width", "64", "--height", "64", "--wait"], cwd=REPO_ROOT, env=cli_env(), stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True)
+            stderr=subprocess.STDOUT, text=True, preexec_fn=as_in_a_terminal)
         first_line = _read_line(waiting, timeout=120)
         assert "(new)" in first_line, first_line
         time.sleep(1.0)  # following the event stream now
