@@ -8,7 +8,6 @@ Exit 2: an unknown model (the names served are listed), a bad prompt file or opt
 """
 from __future__ import annotations
 
-import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
@@ -90,16 +89,8 @@ def _overrides(option: str, values: list[str] | None, kind: type) -> dict[str | 
 def _run(choices: list, jobs: list, out: Path, options: dict) -> None:
     from core.settings import get_settings
     from qc.checker import QualityChecker
-    from qc.compare import (
-        alignment_note,
-        compare_models,
-        recommend,
-        recommendation_line,
-        result_line,
-        summarise,
-        with_speedups,
-    )
-    from qc.compare_report import write_report
+    from qc.compare import alignment_note, compare_models
+    from qc.compare_report import report_comparison
 
     settings = get_settings()
     checker = QualityChecker()
@@ -116,14 +107,10 @@ def _run(choices: list, jobs: list, out: Path, options: dict) -> None:
                                                                  f"steps)"),
             on_batch=lambda count: bar.advance(task, count),
             on_done=lambda run: bar.console.print(_model_line(run)))
-    summaries = with_speedups([summarise(run) for run in runs])
-    recommendation = recommend(summaries, pass_tolerance=options["pass_tolerance"],
-                               alignment_tolerance=options["alignment_tolerance"])
-    options["finished_at"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
-    write_report(out, jobs, runs, summaries, recommendation, options)
-    for summary in summaries:
-        typer.echo(result_line(summary))
-    typer.echo(recommendation_line(recommendation, summaries))
+    lines, _ = report_comparison(out, jobs, runs, options, pass_tolerance=options["pass_tolerance"],
+                                 alignment_tolerance=options["alignment_tolerance"])
+    for line in lines:
+        typer.echo(line)
     typer.echo(f"report: {out / 'report.html'}")
 
 

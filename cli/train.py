@@ -154,18 +154,8 @@ def _compare(teacher: Path, out: Path, prompts: list[str], config, log) -> dict:
     from core.ledger import ItemSpec
     from core.params import GenerationParams
     from qc.checker import QualityChecker
-    from qc.compare import (
-        ModelChoice,
-        alignment_note,
-        compare_models,
-        plan_jobs,
-        recommend,
-        recommendation_line,
-        result_line,
-        summarise,
-        with_speedups,
-    )
-    from qc.compare_report import write_report
+    from qc.compare import ModelChoice, alignment_note, compare_models, plan_jobs
+    from qc.compare_report import report_comparison
 
     def choice(name: str, path: Path, kind: str, steps: int, guidance: float) -> ModelChoice:
         return ModelChoice(name, path, kind, GenerationParams.model_validate(
@@ -177,15 +167,12 @@ def _compare(teacher: Path, out: Path, prompts: list[str], config, log) -> dict:
     jobs = plan_jobs([ItemSpec(prompt=prompt, seed=row) for row, prompt in enumerate(prompts)])
     checker, batch_size = QualityChecker(), min(16, len(jobs))
     runs = compare_models(choices, jobs, batch_size=batch_size, checker=checker)
-    summaries = with_speedups([summarise(run) for run in runs])
-    recommendation = recommend(summaries)
-    write_report(out / "compare", jobs, runs, summaries, recommendation, {
+    lines, recommendation = report_comparison(out / "compare", jobs, runs, {
         "prompts": f"the {len(prompts)} training prompts", "images": len(jobs), "batch_size": batch_size,
         "repeats": 1, "device": None, "pass_tolerance": 2.0, "alignment_tolerance": 2.0,
-        "alignment_note": alignment_note(checker), "finished_at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())})
-    for summary in summaries:
-        log(result_line(summary))
-    log(recommendation_line(recommendation, summaries))
+        "alignment_note": alignment_note(checker)})
+    for line in lines:
+        log(line)
     log(f"compare: {out / 'compare' / 'report.html'}")
     return {"report": str(out / "compare" / "report.html"), "recommendation": recommendation.name}
 

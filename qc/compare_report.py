@@ -10,13 +10,25 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
-from qc.compare import Job, ModelRun, ModelSummary, Recommendation, alignment_of
+from qc.compare import (
+    Job,
+    ModelRun,
+    ModelSummary,
+    Recommendation,
+    alignment_of,
+    recommend,
+    recommendation_line,
+    result_line,
+    summarise,
+    with_speedups,
+)
 from qc.contact_sheet import Tile, contact_sheet
 
 TEMPLATES = Environment(loader=FileSystemLoader(Path(__file__).resolve().parent / "templates"),
@@ -35,6 +47,19 @@ def job_stem(job: Job) -> str:
 
 def image_path(run: ModelRun, job: Job) -> str:
     return f"images/{safe_name(run.choice.name)}/{job_stem(job)}.png"
+
+
+def report_comparison(out: Path, jobs: list[Job], runs: list[ModelRun], options: dict[str, Any], *,
+                      pass_tolerance: float = 2.0, alignment_tolerance: float = 2.0
+                      ) -> tuple[list[str], Recommendation]:
+    """The summaries, the pick and every report file of rendered and checked runs (``instabatch compare``
+    and the end of ``train reflow``); returns the ``RESULT`` lines and the recommendation."""
+    summaries = with_speedups([summarise(run) for run in runs])
+    recommendation = recommend(summaries, pass_tolerance=pass_tolerance, alignment_tolerance=alignment_tolerance)
+    options.setdefault("finished_at", time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
+    write_report(out, jobs, runs, summaries, recommendation, options)
+    return [*(result_line(summary) for summary in summaries), recommendation_line(recommendation, summaries)], \
+        recommendation
 
 
 def write_report(out: Path, jobs: list[Job], runs: list[ModelRun], summaries: list[ModelSummary],
