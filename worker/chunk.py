@@ -72,6 +72,11 @@ class ChunkReport:
                 "seconds": {k: round(v, 4) for k, v in self.seconds.items()}}
 
 
+def group_jobs(group: list[ClaimedItem]) -> list[Job]:
+    """Every image of the group's items with its seed, in the order the passes render them."""
+    return [(item, index, image_seed(item.seed, index)) for item in group for index in range(item.num_images)]
+
+
 class ChunkRunner:
     def __init__(self, ctx: WorkerContext, task_id: str):
         self.ctx = ctx
@@ -214,8 +219,7 @@ class ChunkRunner:
 
     def _first_pass(self, group: list[ClaimedItem]) -> list[Job]:
         """The jobs of a group's first forward pass, as ``_generate`` will make them."""
-        jobs = [(item, index, image_seed(item.seed, index)) for item in group for index in range(item.num_images)]
-        return jobs[:self.settings.micro_batch]
+        return group_jobs(group)[:self.settings.micro_batch]
 
     def _cancel_requested(self, batch_id: str) -> bool:
         return self.ctx.in_ledger(lambda session: session.scalar(
@@ -227,7 +231,7 @@ class ChunkRunner:
         """The group's images off the device. An engine error is an item's problem, not the worker's:
         a group of several items is re-run one by one, so one bad item fails alone."""
         started = time.perf_counter()
-        jobs = [(item, index, image_seed(item.seed, index)) for item in group for index in range(item.num_images)]
+        jobs = group_jobs(group)
         try:
             generated = [image for first in range(0, len(jobs), self.settings.micro_batch)
                          for image in self.steps.generate(batch, jobs[first:first + self.settings.micro_batch])]
