@@ -63,8 +63,10 @@ def enqueue(session: Session, event: str, *, team: str, batch_id: str | None, ur
     return delivery
 
 
-def enqueue_for_batch(session: Session, event: str, batch_id: str, data: Mapping[str, Any]) -> WebhookDelivery | None:
-    endpoint = batch_endpoint(session, batch_id)
+def enqueue_for_batch(session: Session, event: str, batch_id: str, data: Mapping[str, Any],
+                      endpoint: tuple[str, str] | None = None) -> WebhookDelivery | None:
+    """A batch event to the batch's endpoint (``endpoint``: one ``batch_endpoint`` already looked up)."""
+    endpoint = endpoint or batch_endpoint(session, batch_id)
     if endpoint is None:
         return None
     team, url = endpoint

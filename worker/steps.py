@@ -312,13 +312,12 @@ class ImageSteps:
         endpoint = webhooks.batch_endpoint(session, batch.id) if flagged else None
         if endpoint is None:
             return
-        team, url = endpoint
         for image in flagged:
             outcome = image.qc
-            webhooks.enqueue(session, webhooks.IMAGE_FLAGGED, team=team, batch_id=batch.id, url=url, data={
-                "batch_id": batch.id, "image_id": image.id, "item_id": image.item.id,
-                "external_id": image.item.external_id, "verdict": outcome.verdict if outcome is not None else "review",
-                "reasons": list(outcome.reasons) if outcome is not None else ["qc_error"]})
+            webhooks.enqueue_for_batch(session, webhooks.IMAGE_FLAGGED, batch.id, {
+                "image_id": image.id, "item_id": image.item.id, "external_id": image.item.external_id,
+                "verdict": outcome.verdict if outcome is not None else "review",
+                "reasons": list(outcome.reasons) if outcome is not None else ["qc_error"]}, endpoint=endpoint)
 
     def _image_row(self, batch: BatchView, image: UploadedImage, parent_image_id: str | None,
                    now: Any) -> dict[str, Any]:
