@@ -47,9 +47,7 @@ class WorkerContext:
         self._uploads: ThreadPoolExecutor | None = None
         self._sealer: Sealer | None = None
         self._encoders: Executor | None = None
-        self._finisher: ThreadPoolExecutor | None = None
-        self._qc_thread: ThreadPoolExecutor | None = None
-        self._ahead_thread: ThreadPoolExecutor | None = None
+        self._single_threads: dict[str, ThreadPoolExecutor] = {}  # by thread name prefix
 
     def _this_process(self) -> None:
         if self._pid != os.getpid():
@@ -89,26 +87,24 @@ class WorkerContext:
     def finisher(self) -> ThreadPoolExecutor:
         """The one thread that finishes micro-batches (encode, store, check, record) in order while
         the device renders the next (worker/pipeline.py)."""
-        self._this_process()
-        if self._finisher is None:
-            self._finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="finish")
-        return self._finisher
+        return self._single_thread("finish")
 
     @property
     def ahead_thread(self) -> ThreadPoolExecutor:
         """The one thread that encodes the next pass's prompts while the device runs the current one."""
-        self._this_process()
-        if self._ahead_thread is None:
-            self._ahead_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ahead")
-        return self._ahead_thread
+        return self._single_thread("ahead")
 
     @property
     def qc_thread(self) -> ThreadPoolExecutor:
         """The one thread that runs QC on a micro-batch while the finishing thread encodes and stores it."""
+        return self._single_thread("qc")
+
+    def _single_thread(self, name: str) -> ThreadPoolExecutor:
+        """A one-thread executor of this process, made on first use: work on it runs in submission order."""
         self._this_process()
-        if self._qc_thread is None:
-            self._qc_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qc")
-        return self._qc_thread
+        if name not in self._single_threads:
+            self._single_threads[name] = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        return self._single_threads[name]
 
     @property
     def model(self) -> ModelRunner:
