@@ -149,6 +149,22 @@ def test_the_vectorised_watermark_gives_the_libraries_bytes(side):
         assert np.array_equal(np.asarray(marked), expected[:, :, ::-1])
 
 
+def test_the_numpy_haar_transforms_are_pywavelets_bit_for_bit():
+    """The watermark's Haar transforms (core/watermark.py) must give PyWavelets' floats exactly, or a
+    pixel near a rounding edge would come out one level off the library's."""
+    import pywt
+
+    rng = np.random.default_rng(7)
+    for shape in ((512, 512), (260, 388), (2, 6)):
+        image = rng.integers(0, 256, shape, dtype=np.uint8)
+        approximation, details = watermark.haar_dwt2(image)
+        expected_approximation, expected_details = pywt.dwt2(image, "haar")
+        assert np.array_equal(approximation, expected_approximation)
+        assert all(np.array_equal(mine, theirs) for mine, theirs in zip(details, expected_details))
+        changed = approximation + rng.normal(0, 20, approximation.shape)  # as the embedding changes it
+        assert np.array_equal(watermark.haar_idwt2(changed, details), pywt.idwt2((changed, details), "haar"))
+
+
 def test_a_key_that_does_not_match_its_chain_is_refused(dev_chain, tmp_path):
     other = tmp_path / "other"
     credentials.create_dev_chain(other)
