@@ -102,14 +102,14 @@ def instrument(ledger: CpuLedger) -> None:
     ledger.patch(LedgerHashIndex, "nearest", "qc: duplicate look-up (ledger)")
     ledger.patch(core.watermark, "embed", "watermark")
     ledger.patch(worker.sealing, "encode_image", "encode (format, provenance)")
-    ledger.patch(worker.sealing.Sealer, "sign", "c2pa sign")
+    ledger.patch(worker.sealing.Signing, "sign", "c2pa sign")
     ledger.patch(S3ObjectStore, "put", "upload (boto3)")
     ledger.patch(WorkerContext, "in_ledger", lambda self, work, *, what: f"ledger: {what}")
     ledger.patch(WorkerContext, "screen", "prompt screening")
     ledger.patch(worker.chunk, "complete_if_done", "batch completion")
     ledger.patch(worker.chunk, "dispatch_pending", "dispatch from outbox")
     ledger.patch(core.webhooks, "enqueue_for_batch", "ledger: image.flagged deliveries")
-    del core.credentials  # imported so Sealer.sign's module is loaded
+    del core.credentials  # imported so Signing.sign's module is loaded
 
 
 def postgres_backends(database_url: str) -> dict[int, float]:

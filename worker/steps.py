@@ -37,7 +37,7 @@ from worker.context import WorkerContext
 from worker.duplicates import LedgerHashIndex, band_rows
 from worker.leases import ClaimedItem
 from worker.records import object_metadata, provenance, storage_key
-from worker.sealing import embedded_watermark_id, mark_and_encode, mark_id
+from worker.sealing import embedded_watermark_id, mark_id, seal
 
 log = logging.getLogger(__name__)
 Job = tuple[ClaimedItem, int, int]  # (item, image index, seed)
@@ -209,18 +209,17 @@ class ImageSteps:
         ]
 
     def encode(self, batch: BatchView, images: list[GeneratedImage]) -> list[RenderedImage]:
-        """Each image watermarked and put in the batch's format with its provenance (together, in the
-        worker's encoder pool), then signed with its Content Credentials, before anything hashes or stores it
-        (docs/architecture.md, "Content Credentials")."""
+        """Each image watermarked, put in the batch's format with its provenance and signed with its Content
+        Credentials (together, in the worker's encoder pool: worker/sealing.py), before anything hashes or
+        stores it (docs/architecture.md, "Content Credentials")."""
         began = time.perf_counter()
-        sealer = self.ctx.sealer
-        files = list(self.ctx.encoders.map(mark_and_encode, [image.picture for image in images],
-                                           [mark_id(image.record) for image in images],
-                                           [batch.encoding] * len(images), [image.record for image in images]))
+        signing = [self.ctx.sealer.signing(image.record, team=batch.team, submitted_hash=batch.submitted_hash)
+                   for image in images]
+        signed = list(self.ctx.encoders.map(seal, [image.picture for image in images],
+                                            [mark_id(image.record) for image in images],
+                                            [batch.encoding] * len(images), [image.record for image in images],
+                                            signing))
         content_type = CONTENT_TYPES[batch.encoding.format]
-        signed = [sealer.sign(data, content_type, image.record, mark, team=batch.team,
-                              submitted_hash=batch.submitted_hash)
-                  for (data, mark), image in zip(files, images)]
         elapsed = time.perf_counter() - began
         self.seconds["encode"] += elapsed
         metrics.observe_stage("encode", elapsed)
