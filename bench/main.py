@@ -72,6 +72,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--chunk", type=int, default=64, help="images per chunk (task) in end_to_end")
     parser.add_argument("--depth", type=int, default=2, help="INSTABATCH_PIPELINE_DEPTH of the worker")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared CPU)")
+    parser.add_argument("--device-process", type=int, choices=(0, 1), default=1,
+                        help="INSTABATCH_DEVICE_PROCESS of the end_to_end and naive workers (worker/device.py)")
     parser.add_argument("--device-ms", type=float, default=4.0, help="simulated device time per 512² image")
     parser.add_argument("--sim-items", type=int, default=384, help="images per format in sim512")
     parser.add_argument("--submit-items", type=int, default=10_000)
@@ -172,6 +174,7 @@ def stack_env(args: argparse.Namespace, database_url: str, redis_url: str, s3_ur
         "INSTABATCH_VAR_DIR": str(workdir / "var"), "INSTABATCH_MICRO_BATCH": str(args.micro_batch),
         "INSTABATCH_CHUNK_IMAGES": str(args.chunk), "INSTABATCH_PIPELINE_DEPTH": str(args.depth),
         "INSTABATCH_TORCH_THREADS": str(args.threads), "WORKER_METRICS_PORT": "0",
+        "INSTABATCH_DEVICE_PROCESS": str(args.device_process),
         "MAX_ITEMS_PER_BATCH": str(max(args.submit_items, args.items, 50_000)),
         "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
     }
@@ -241,9 +244,30 @@ def bench_end_to_end(url: str, key: str, env: dict[str, str], workdir: Path, ite
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process so far (PostgreSQL's, a shared server, are not counted)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU seconds of a process and its children so far (a worker's device process is its
+    child: worker/device.py); PostgreSQL's, a shared server, are not counted."""
+    total = 0.0
+    for member in process_tree(pid):
+        try:
+            fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:  # ended meanwhile
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants, from /proc/PID/task/TID/children."""
+    found, pending = [], [pid]
+    while pending:
+        member = pending.pop()
+        found.append(member)
+        for children in Path(f"/proc/{member}/task").glob("*/children"):
+            try:
+                pending.extend(int(child) for child in children.read_text().split())
+            except FileNotFoundError:
+                continue
+    return found
 
 
 @contextmanager
@@ -297,10 +321,15 @@ class RssSampler:
         self.peak_mb = 0.0
 
     def _read(self, field_name: str) -> float:
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith(field_name + ":"):
-                return int(line.split()[1]) / 1024
-        return 0.0
+        """The field summed over the worker and its device process (worker/device.py)."""
+        total = 0.0
+        for member in process_tree(self.pid):
+            try:
+                lines = Path(f"/proc/{member}/status").read_text().splitlines()
+            except FileNotFoundError:
+                continue
+            total += sum(int(line.split()[1]) / 1024 for line in lines if line.startswith(field_name + ":"))
+        return total
 
     def _run(self) -> None:
         while not self._stop.wait(0.5):
@@ -319,7 +348,7 @@ class RssSampler:
     def __exit__(self, *_: object) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak_mb = self._read("VmHWM")
+        self.peak_mb = max([self._read("VmHWM"), *self.samples])
 
 
 # -- simulated device -------------------------------------------------------------------------

@@ -98,6 +98,9 @@ class Settings(BaseSettings):
     pipeline_depth: int = Field(2, alias="INSTABATCH_PIPELINE_DEPTH", ge=0, le=64)  # 0: no overlap
     encode_workers: int = Field(2, alias="INSTABATCH_ENCODE_WORKERS", ge=1, le=256)
     encode_pool: Literal["thread", "process"] = Field("thread", alias="INSTABATCH_ENCODE_POOL")
+    # The model in a process of its own, away from the GIL the worker's threads hold (worker/device.py);
+    # for a solo-pool worker (a GPU worker). A prefork child cannot have one and runs the model itself.
+    device_process: bool = Field(False, alias="INSTABATCH_DEVICE_PROCESS")
     png_compress_level: int = Field(6, alias="INSTABATCH_PNG_COMPRESS_LEVEL", ge=0, le=9)
     # Prometheus metrics of a worker process on this port (0: off). A prefork child serves on
     # port + its child index (docs/architecture.md, "Worker metrics").

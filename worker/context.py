@@ -22,6 +22,7 @@ from core.storage import ObjectStore, make_store
 from qc.checker import QualityChecker
 from qc.screening import ScreeningPolicy, screen_prompt
 from worker.model_runner import ModelRunner
+from worker.device import DeviceProcess, device_process_allowed
 from worker.pipeline import make_encoder_pool
 from worker.sealing import Sealer
 
@@ -41,7 +42,7 @@ class WorkerContext:
         self._pid = os.getpid()
         self._sessions: sessionmaker[Session] | None = None
         self._store: ObjectStore | None = None
-        self._model: ModelRunner | None = None
+        self._model: ModelRunner | DeviceProcess | None = None
         self._checker: QualityChecker | None = None
         self._screening: ScreeningPolicy | None = None
         self._uploads: ThreadPoolExecutor | None = None
@@ -107,11 +108,19 @@ class WorkerContext:
         return self._single_threads[name]
 
     @property
-    def model(self) -> ModelRunner:
+    def model(self) -> ModelRunner | DeviceProcess:
         self._this_process()
         if self._model is None:
-            self._model = ModelRunner(self.settings)
+            self._model = self._device_process() or ModelRunner(self.settings)
         return self._model
+
+    def _device_process(self) -> DeviceProcess | None:
+        if not self.settings.device_process:
+            return None
+        if device_process_allowed():
+            return DeviceProcess(self.settings)
+        log.warning("INSTABATCH_DEVICE_PROCESS=1 in a daemonic process (prefork child): the model runs in it")
+        return None
 
     @property
     def sealer(self) -> Sealer:

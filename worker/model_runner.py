@@ -44,6 +44,7 @@ class ModelRunner:
         self._pipes: OrderedDict[str, Any] = OrderedDict()  # registry name -> pipeline, least recent first
         self._refiner: Any = None
         self.loads: Counter[str] = Counter()  # loads per registry name: a bound too small shows as reloads
+        self.load_events: list[tuple[str, float]] = []  # (name, seconds), drained by a device process (worker/device.py)
 
     def pipeline(self, name: str | None = None) -> Any:
         """The named model's pipeline (None or "default": the registry's default), loaded on first use."""
@@ -67,6 +68,7 @@ class ModelRunner:
         pipe = InstaFlowPipeline.from_pretrained(spec.path, device=self.settings.device)
         seconds = time.perf_counter() - started
         self.loads[name] += 1
+        self.load_events.append((name, seconds))
         metrics.model_loaded(seconds, name)
         log.info("loaded model %s (%s, %s) in %.1fs: %.1f MB of parameters", name, spec.kind, spec.path, seconds,
                  parameter_bytes(pipe) / 1e6)
