@@ -174,7 +174,7 @@ def stack_env(args: argparse.Namespace, database_url: str, redis_url: str, s3_ur
         "INSTABATCH_VAR_DIR": str(workdir / "var"), "INSTABATCH_MICRO_BATCH": str(args.micro_batch),
         "INSTABATCH_CHUNK_IMAGES": str(args.chunk), "INSTABATCH_PIPELINE_DEPTH": str(args.depth),
         "INSTABATCH_TORCH_THREADS": str(args.threads), "WORKER_METRICS_PORT": "0",
-        "INSTABATCH_DEVICE_PROCESS": str(args.device_process),
+        "INSTABATCH_DEVICE_PROCESS": str(getattr(args, "device_process", 0)),  # bench.profile: in-process
         "MAX_ITEMS_PER_BATCH": str(max(args.submit_items, args.items, 50_000)),
         "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
     }

@@ -130,7 +130,7 @@ def test_the_watermark_survives_jpeg_q75_and_a_resize_and_is_skipped_on_small_im
     assert skipped.as_record()["skipped"] == skipped.reason
 
 
-@pytest.mark.parametrize("side", [(512, 512), (520, 768)])
+@pytest.mark.parametrize("side", [(512, 512), (520, 768), (256, 264)])
 def test_the_vectorised_watermark_gives_the_libraries_bytes(side):
     """core/watermark.py embeds all blocks at once; imwatermark's encoder, block by block, must give
     the same pixels (the same prompt, seed and params give the same bytes as before)."""
@@ -139,7 +139,8 @@ def test_the_vectorised_watermark_gives_the_libraries_bytes(side):
     rng = np.random.default_rng(sum(side))
     noise = PILImage.fromarray(rng.integers(0, 256, (side[1], side[0], 3), dtype=np.uint8))
     smooth = noise.resize((side[0] // 8, side[1] // 8)).resize(side, PILImage.BICUBIC)
-    for picture in (product_picture(side[0]).resize(side), noise, smooth, PILImage.new("RGB", side)):
+    white, grey = PILImage.new("RGB", side, (255, 255, 255)), PILImage.new("RGB", side, (90, 90, 90))  # rank 1 / 0 blocks
+    for picture in (product_picture(side[0]).resize(side), noise, smooth, PILImage.new("RGB", side), white, grey):
         mark_id = f"{int(rng.integers(0, 2**32)):08x}"
         bgr = np.ascontiguousarray(np.asarray(picture)[:, :, ::-1])
         library = WatermarkEncoder()
