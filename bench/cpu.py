@@ -100,7 +100,7 @@ def bench_direct(args: argparse.Namespace, model: Path, var_dir: Path) -> None:
     settings = configure(args, model, var_dir)
     ctx = WorkerContext(settings)
     started = time.perf_counter()
-    ctx.model.pipe  # load once, outside the timed loop
+    ctx.model.load()  # once, outside the timed loop (in the device process with INSTABATCH_DEVICE_PROCESS=1)
     print(f"RESULT direct_model_load_s={time.perf_counter() - started:.2f}")
     warm = submit(ctx.sessions, argparse.Namespace(**{**vars(args), "items": args.micro_batch}), settings)
     run_chunks(ctx, warm)  # first passes allocate; not measured
@@ -149,7 +149,7 @@ def bench_celery(args: argparse.Namespace, model: Path, var_dir: Path) -> None:
     settings = configure(args, model, var_dir)
     app = create_app(settings)
     ctx = app.instabatch
-    ctx.model.pipe  # the worker's model, loaded before the clock starts
+    ctx.model.load()  # the worker's model, loaded before the clock starts
     with start_worker(app, perform_ping_check=False, shutdown_timeout=120, loglevel="ERROR"):
         batch_id = submit(ctx.sessions, args, settings)
         started = time.perf_counter()

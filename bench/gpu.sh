@@ -23,7 +23,11 @@ run "$PY" -m bench.gpu --arch sd15 --dtype fp16 --batch 1 --steps 25 --repeats 3
 # 4. the worker path on CUDA: claim → generate → encode → store → QC → record, through a Celery worker.
 CKPT="$OUT/sd15-random"
 [ -f "$CKPT/model_index.json" ] || run "$PY" -m bench.gpu --save-checkpoint "$CKPT" --dtype fp16
-INSTABATCH_DEVICE=cuda INSTABATCH_ENCODE_WORKERS=${ENCODE_WORKERS:-12} INSTABATCH_PNG_COMPRESS_LEVEL=1 \
-  run "$PY" -m bench.cpu --model "$CKPT" --items 512 --micro-batch 32 --size 512 --threads 4 --mode both
+#    Twice: the model in the worker's process, then in a device process of its own (worker/device.py).
+for DEVICE_PROCESS in 0 1; do
+  INSTABATCH_DEVICE=cuda INSTABATCH_DEVICE_PROCESS=$DEVICE_PROCESS INSTABATCH_ENCODE_WORKERS=${ENCODE_WORKERS:-12} \
+    INSTABATCH_PNG_COMPRESS_LEVEL=1 \
+    run "$PY" -m bench.cpu --model "$CKPT" --items 512 --micro-batch 32 --size 512 --threads 4 --mode both
+done
 grep '^RESULT' "$LOG" > "$OUT/results.txt" || true
 echo "results: $OUT/results.txt"
