@@ -310,7 +310,6 @@ class ChunkRunner:
         for image in recorded:
             verdict = image.qc.verdict if image.qc is not None else "review"
             metrics.image_recorded(image.rendered.record["model"], verdict)
-        metrics.sample_gpu_memory()
         self.steps.remember_hashes(batch, recorded)
 
     def _generated_payload(self, batch: BatchView, item: ClaimedItem, images: list[UploadedImage],

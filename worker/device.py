@@ -11,8 +11,9 @@ The device process runs a :class:`~worker.model_runner.ModelRunner`; the worker 
 One call at a time (a lock): the chunk's thread generates, the ``ahead`` thread encodes the next
 prompts; they take turns. A call that does not come back whole (the process died, or the task's time
 limit interrupted the wait) leaves the pipe out of step: the process is stopped and the next call starts
-a fresh one, which loads its models again. The process's model loads are replayed into this process's
-metrics, so ``instabatch_model_load_seconds`` still counts them.
+a fresh one, which loads its models again. The process's model loads and its CUDA memory come back
+with each answer into this process's metrics (``instabatch_model_loads_total``,
+``instabatch_gpu_memory_bytes``), which this process serves.
 """
 from __future__ import annotations
 
@@ -77,7 +78,7 @@ class DeviceProcess:
             connection = self._connection if self._alive() else self._start()
             try:
                 connection.send((method, args, kwargs))
-                ok, value, loads = connection.recv()
+                ok, value, loads, gpu_bytes = connection.recv()
             except (EOFError, OSError) as error:
                 self._stop()
                 raise DeviceProcessDied(f"the device process ended during {method}: {error!r}") from error
@@ -86,6 +87,8 @@ class DeviceProcess:
                 raise
         for name, seconds in loads:
             metrics.model_loaded(seconds, name)
+        if gpu_bytes is not None:
+            metrics.set_gpu_memory(gpu_bytes)
         if ok:
             return value
         raise value
@@ -131,10 +134,11 @@ def serve(connection: Connection, settings: Settings) -> None:
         except Exception as error:  # the caller decides: out of memory splits, the rest is the item's error
             reply = (False, error)
         loads, runner.load_events = runner.load_events, []
+        gpu_bytes = metrics.gpu_memory_allocated()
         try:
-            connection.send((*reply, loads))
+            connection.send((*reply, loads, gpu_bytes))
         except Exception as error:  # an answer that does not pickle: say what it was
-            connection.send((False, RuntimeError(f"{type(error).__name__}: {error}"), loads))
+            connection.send((False, RuntimeError(f"{type(error).__name__}: {error}"), loads, gpu_bytes))
 
 
 def device_process_allowed() -> bool:

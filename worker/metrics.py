@@ -52,16 +52,28 @@ def model_loaded(seconds: float, model: str) -> None:
 
 def sample_gpu_memory() -> None:
     """Only where torch is loaded and CUDA is up: the series is absent on CPU workers."""
+    allocated = gpu_memory_allocated()
+    if allocated is not None:
+        set_gpu_memory(allocated)
+
+
+def gpu_memory_allocated() -> int | None:
+    """CUDA memory this process has allocated; None without torch loaded and CUDA up."""
     import sys
 
-    global _gpu_memory
     torch = sys.modules.get("torch")
     if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
-        return
+        return None
+    return torch.cuda.memory_allocated()
+
+
+def set_gpu_memory(allocated: int) -> None:
+    """The gauge, from this process or from its device process (worker/device.py), where the model runs."""
+    global _gpu_memory
     with _lock:
         if _gpu_memory is None:
-            _gpu_memory = Gauge("instabatch_gpu_memory_bytes", "CUDA memory allocated by this process")
-    _gpu_memory.set(torch.cuda.memory_allocated())
+            _gpu_memory = Gauge("instabatch_gpu_memory_bytes", "CUDA memory allocated by the process running the model")
+    _gpu_memory.set(allocated)
 
 
 def serve(port: int, offset: int = 0) -> int | None:

@@ -134,6 +134,7 @@ class ModelRunner:
             refined, refined_flags = self._refine(images, prompts, seeds, params.refine_options, fixed)
             images, flags = refined, [a or b for a, b in zip(flags, refined_flags)]
             seconds["refine"] = time.perf_counter() - started
+        metrics.sample_gpu_memory()  # here, in the process that holds the model (worker/device.py)
         return Rendered(images=images, nsfw_flags=flags, seconds=seconds,
                         identity={"model": name, "weights_sha256": pipe.weights_sha256})
 
