@@ -363,10 +363,10 @@ def bench_simulated(args: argparse.Namespace) -> dict[str, float]:
     device_rate = 1000 / args.device_ms
     for fmt, level, quality in SIM_FORMATS:
         label = f"{fmt}{level}" if fmt == "png" else f"{fmt}{quality}"
-        for pool in ("thread", "process"):
+        for pool, suffix in (("thread", ""), ("process", "_processes")):
             rate, per_core = run_simulated(args, fmt, level, quality, pool=pool)
-            rates[label if pool == "thread" else f"{label}_processes"] = rate
-            name = f"sim512_{label}" if pool == "thread" else f"sim512_{label}_processes"
+            rates[label + suffix] = rate
+            name = f"sim512_{label}{suffix}"
             print(f"RESULT {name}_images_per_s={rate:.1f} {name}_images_per_cpu_s={per_core:.1f} "
                   f"{name}_cores_per_gpu={device_rate / per_core:.1f} device_ms={args.device_ms:g}", flush=True)
     return rates

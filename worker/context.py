@@ -21,9 +21,9 @@ from core.settings import Settings
 from core.storage import ObjectStore, make_store
 from qc.checker import QualityChecker
 from qc.screening import ScreeningPolicy, screen_prompt
+from worker.device import DeviceProcess
 from worker.model_runner import ModelRunner
-from worker.device import DeviceProcess, device_process_allowed
-from worker.pipeline import make_encoder_pool
+from worker.pipeline import make_encoder_pool, may_have_children
 from worker.sealing import Sealer
 
 log = logging.getLogger(__name__)
@@ -117,7 +117,7 @@ class WorkerContext:
     def _device_process(self) -> DeviceProcess | None:
         if not self.settings.device_process:
             return None
-        if device_process_allowed():
+        if may_have_children():
             return DeviceProcess(self.settings)
         log.warning("INSTABATCH_DEVICE_PROCESS=1 in a daemonic process (prefork child): the model runs in it")
         return None

@@ -139,8 +139,3 @@ def serve(connection: Connection, settings: Settings) -> None:
             connection.send((*reply, loads, gpu_bytes))
         except Exception as error:  # an answer that does not pickle: say what it was
             connection.send((False, RuntimeError(f"{type(error).__name__}: {error}"), loads, gpu_bytes))
-
-
-def device_process_allowed() -> bool:
-    """A daemonic process (a Celery prefork child) cannot have children."""
-    return not multiprocessing.current_process().daemon

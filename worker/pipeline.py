@@ -64,11 +64,16 @@ class Overlap:
             self._abandon()
 
 
+def may_have_children() -> bool:
+    """False in a daemonic process (a Celery prefork child): it cannot start processes of its own."""
+    return not multiprocessing.current_process().daemon
+
+
 def make_encoder_pool(kind: str, workers: int) -> Executor:
     """Threads, or spawned processes; a daemonic process (a Celery prefork child) cannot have
     children, so it falls back to threads there."""
     if kind == "process":
-        if not multiprocessing.current_process().daemon:
+        if may_have_children():
             return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
         log.warning("INSTABATCH_ENCODE_POOL=process in a daemonic process (prefork child): using threads")
     return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="encode")
